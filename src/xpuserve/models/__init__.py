@@ -1,0 +1,28 @@
+"""Model code: one file per architecture family, built from the shared layers beside them."""
+
+from __future__ import annotations
+
+import torch
+
+from xpuserve.config import ModelConfig
+from xpuserve.models.decoder import CausalLM
+from xpuserve.models.deepseek import DeepseekForCausalLM
+from xpuserve.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES: dict[str, type[CausalLM]] = {
+    "DeepseekV3ForCausalLM": DeepseekForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+}
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+    """An uninitialised model with parameters on `device` in `dtype` (routers stay float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return MODEL_CLASSES[config.architecture](config).eval()
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,123 @@
+"""DeepSeekMoE: a router choosing top-k routed experts per token, plus always-on shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xpuserve.config import ModelConfig
+from xpuserve.models.mlp import MLP
+
+
+class Router(nn.Module):
+    """Chooses experts and their weights. Three schemes, as the checkpoints define them:
+
+    - V2 `greedy`: softmax scores, plain top-k.
+    - V2 `group_limited_greedy`: softmax scores, top-k within the topk_group groups whose best
+      expert scores highest.
+    - V3 `noaux_tc`: sigmoid scores; experts are *chosen* by score + e_score_correction_bias
+      within the topk_group groups with the highest sum of their top-2 biased scores, but
+      *weighted* by the unbiased scores.
+    V3 normalises the chosen weights (if norm_topk_prob) and then scales by routed_scaling_factor;
+    V2 does one or the other, as DeepSeek's V2 code does.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.method, self.scoring = config.topk_method, config.scoring_func
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        # Routing runs in float32 whatever the model dtype, as in the reference implementations.
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.empty(config.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (weights [N, k] float32, expert ids [N, k])"""
+        logits = F.linear(x.float(), self.weight)
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.method != "greedy" and self.n_group > 1:
+            choice = self._limit_to_groups(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.method == "noaux_tc":
+            if self.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights * self.scaling
+        elif self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.scaling
+        return weights, ids
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        grouped = choice.view(choice.shape[0], self.n_group, -1)
+        if self.method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        best = group_scores.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view_as(choice)
+
+
+class Experts(nn.Module):
+    """All routed experts of a layer, stacked: w13 = [gate; up] per expert, w2 = down."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def checkpoint_views(self, name: str) -> dict[str, torch.Tensor]:
+        views, inter = {}, self.intermediate_size
+        for e in range(self.w13.shape[0]):
+            views[f"{name}.{e}.gate_proj.weight"] = self.w13.data[e, :inter]
+            views[f"{name}.{e}.up_proj.weight"] = self.w13.data[e, inter:]
+            views[f"{name}.{e}.down_proj.weight"] = self.w2.data[e]
+        return views
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sorts the (token, expert) pairs by expert and runs each busy expert once on its tokens."""
+        top_k = ids.shape[1]
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[start : start + count]
+            gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            y = y * weights.flatten()[order[start : start + count], None].to(y.dtype)
+            out.index_add_(0, tokens, y)
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

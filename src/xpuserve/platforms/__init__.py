@@ -1,0 +1,26 @@
+"""Device families behind one small interface. The selected platform is the only global state."""
+
+from __future__ import annotations
+
+import torch
+
+from xpuserve.platforms.base import Platform
+from xpuserve.platforms.cpu import CpuPlatform
+from xpuserve.platforms.cuda import CudaPlatform
+from xpuserve.platforms.npu import NpuPlatform
+
+PLATFORMS: dict[str, type[Platform]] = {"npu": NpuPlatform, "cuda": CudaPlatform, "cpu": CpuPlatform}
+
+
+def resolve_device(device: str = "auto") -> tuple[Platform, torch.device]:
+    """'auto' picks npu, then cuda, then cpu; 'cuda:1', 'npu:0', 'cpu' select explicitly."""
+    if device == "auto":
+        kind = next(k for k, p in PLATFORMS.items() if p.is_available())
+        return PLATFORMS[kind](), torch.device(kind)
+    kind = device.split(":")[0]
+    if kind not in PLATFORMS:
+        raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda[:N] or npu[:N]")
+    platform = PLATFORMS[kind]()
+    if not platform.is_available():
+        raise RuntimeError(platform.unavailable_reason())
+    return platform, torch.device(device)

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import torch
+
+
+class Platform:
+    """What the engine asks of a device family. Subclasses override what differs."""
+
+    name = "base"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return f"device type '{cls.name}' is not available on this machine"
+
+    def auto_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
+        """Serving dtype when the user says 'auto': the checkpoint's, with FP8 stored as bf16."""
+        return {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype or "", torch.bfloat16)
