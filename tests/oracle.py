@@ -58,8 +58,8 @@ def spread_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith("bias"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:  # small next to block outputs, so a tied head does not just echo the input
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
             elif name.endswith("gate.weight"):  # router: large spread so expert choice is decisive
                 p.copy_(torch.randn(p.shape, generator=gen) * 2.0 / math.sqrt(p.shape[-1]))
             else:

@@ -117,7 +117,11 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
+        return cls.from_pretrained_file(Path(model_dir) / "config.json")
+
+    @classmethod
+    def from_pretrained_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:

@@ -98,8 +98,8 @@ class Experts(nn.Module):
             tokens = token_of[start : start + count]
             gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[expert])
-            y = y * weights.flatten()[order[start : start + count], None].to(y.dtype)
-            out.index_add_(0, tokens, y)
+            y = y * weights.flatten()[order[start : start + count], None]  # float32 weights: product in float32
+            out.index_add_(0, tokens, y.to(out.dtype))
             start += count
         return out
 
