@@ -53,11 +53,11 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
         names = ckpt.names()
         bar = tqdm(names, desc="Loading weights", unit="tensor", disable=ckpt.nbytes() < PROGRESS_BAR_BYTES)
         for name in bar:
-            if name.endswith(fp8.SCALE_SUFFIX) and name[: -len(fp8.SCALE_SUFFIX)] in ckpt.file_of:
-                continue  # read together with its weight
             if _is_mtp(name, config.num_hidden_layers):
                 stats["mtp_skipped"] += 1
                 continue
+            if name.endswith(fp8.SCALE_SUFFIX) and name[: -len(fp8.SCALE_SUFFIX)] in ckpt.file_of:
+                continue  # read together with its weight
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 stats["tied_skipped"] += 1
                 continue
