@@ -1,0 +1,5 @@
+import sys
+
+from xpuserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""Command line: `xpuserve <subcommand> ...`, one small function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from xpuserve.config import ConfigError
+from xpuserve.generate import generate
+from xpuserve.tokenizer import Tokenizer
+from xpuserve.weights import CheckpointError, load_model
+
+# Errors that mean "this model folder cannot be used": reported in one line, exit code 2.
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], output_ids: list[int]) -> str:
+    """Text the output adds after the prompt; decoding the output alone would lose a leading space."""
+    prefix = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + output_ids)
+    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(output_ids)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = load_model(args.model_dir, dtype=args.dtype, device=args.device)
+    tokenizer = Tokenizer.from_pretrained(args.model_dir)
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    outputs = generate(model, prompts, args.max_tokens, args.temperature, stop_token_ids=stop, seed=args.seed)
+    for i, (text, ids, out) in enumerate(zip(args.prompt, prompts, outputs)):
+        if i:
+            print()
+        print(text + completion_text(tokenizer, ids, out), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts offline and print the text")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    gen.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
+    gen.add_argument("--dtype", default="auto", choices=DTYPES)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"xpuserve: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,46 @@
+"""`python -m xpuserve generate` as a real subprocess, against transformers' greedy generation."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
+needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent (shared test model)")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xpuserve", *args], capture_output=True, text=True, timeout=300)
+
+
+def transformers_completion(prompt: str, max_new_tokens: int) -> str:
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES)
+    model = transformers.AutoModelForCausalLM.from_pretrained(STORIES)
+    inputs = tok(prompt, return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
+    # Text after the prompt; decoding the new tokens alone would drop the first one's leading space.
+    prefix = tok.decode(inputs["input_ids"][0], skip_special_tokens=True)
+    full = tok.decode(out[0], skip_special_tokens=True)
+    assert full.startswith(prefix)
+    return full[len(prefix):]
+
+
+@needs_stories
+def test_generate_matches_transformers_greedy():
+    prompt = "Once upon a time"
+    expected = transformers_completion(prompt, 32)
+    assert expected.strip()
+    result = run_cli("generate", str(STORIES), "--prompt", prompt, "--max-tokens", "32", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + expected + "\n"
+
+
+def test_missing_config_is_one_line_error(tmp_path):
+    result = run_cli("generate", str(tmp_path), "--prompt", "hello")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "config.json" in lines[0]
+    assert "Traceback" not in result.stderr
