@@ -18,13 +18,12 @@ def _device(model: CausalLM) -> torch.device:
 def prompt_logits(model: CausalLM, prompts: list[list[int]]) -> list[torch.Tensor]:
     """Logits at every position of every prompt, all prompts packed into one forward pass."""
     lengths = [len(p) for p in prompts]
-    allocate_kv_cache(model, sum(lengths))
-    slices, base = [], 0
-    for n in lengths:
-        slices.append(SequenceSlice(0, n, list(range(base, base + n))))
-        base += n
+    # A contiguous cache is a paged one with one block per sequence.
+    block_size = max(lengths)
+    allocate_kv_cache(model, block_size * len(prompts))
+    slices = [SequenceSlice(0, n, [i]) for i, n in enumerate(lengths)]
     ids = torch.tensor([t for p in prompts for t in p], device=_device(model))
-    logits = model.compute_logits(model(ids, ForwardContext.build(slices, _device(model)))).float()
+    logits = model.compute_logits(model(ids, ForwardContext.build(slices, block_size, _device(model)))).float()
     return list(logits.split(lengths))
 
 
@@ -42,14 +41,13 @@ def generate(
     stop = set(stop_token_ids or [])
     capacity = max(len(p) for p in prompts) + max_new_tokens
     allocate_kv_cache(model, capacity * len(prompts))
-    slots = [list(range(i * capacity, (i + 1) * capacity)) for i in range(len(prompts))]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))
-    step = [SequenceSlice(0, len(p), slots[i]) for i, p in enumerate(prompts)]
+    step = [SequenceSlice(0, len(p), [i]) for i, p in enumerate(prompts)]
     ids = [t for p in prompts for t in p]
     while active:
-        hidden = model(torch.tensor(ids, device=device), ForwardContext.build(step, device))
+        hidden = model(torch.tensor(ids, device=device), ForwardContext.build(step, capacity, device))
         last = torch.tensor([s.num_new for s in step], device=device).cumsum(0) - 1
         tokens = sample(model.compute_logits(hidden[last]).float(), temperature, generator).tolist()
         next_active, next_step, ids = [], [], []
@@ -58,7 +56,7 @@ def generate(
             if token in stop or len(outputs[seq]) == max_new_tokens:
                 continue
             next_active.append(seq)
-            next_step.append(SequenceSlice(prev.start + prev.num_new, 1, slots[seq]))
+            next_step.append(SequenceSlice(prev.start + prev.num_new, 1, [seq]))
             ids.append(token)
         active, step = next_active, next_step
     return outputs

@@ -14,11 +14,11 @@ import torch
 
 @dataclass
 class SequenceSlice:
-    """One sequence's share of a step: tokens [start, start + num_new) with cache slots for 0..end."""
+    """One sequence's share of a step: positions [start, start + num_new), cached in `block_table`."""
 
     start: int
     num_new: int
-    slots: list[int]  # cache slot of every position 0 .. start + num_new - 1
+    block_table: list[int]  # cache block of positions [i * block_size, (i + 1) * block_size)
 
 
 @dataclass
@@ -27,39 +27,33 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [N] cache slot where each token's K/V is written
     query_index: torch.Tensor  # [B, Tq] index into the N tokens; 0 where padded
     query_valid: torch.Tensor  # [B, Tq] False where padded
-    kv_slots: torch.Tensor  # [B, Lk] cache slot of each context position; 0 where padded
+    kv_slots: torch.Tensor  # [B, Lk] cache slot of each context position; garbage where masked
     attn_mask: torch.Tensor  # [B, 1, Tq, Lk] True where a query may attend to a key
     max_query_len: int
 
     @classmethod
-    def build(cls, seqs: list[SequenceSlice], device: torch.device | str = "cpu") -> "ForwardContext":
-        batch = len(seqs)
+    def build(cls, seqs: list[SequenceSlice], block_size: int, device: torch.device | str = "cpu") -> "ForwardContext":
         max_q = max(s.num_new for s in seqs)
         max_k = max(s.start + s.num_new for s in seqs)
-        positions, slot_mapping = [], []
-        query_index = torch.zeros(batch, max_q, dtype=torch.long)
-        query_pos = torch.zeros(batch, max_q, dtype=torch.long)
-        query_valid = torch.zeros(batch, max_q, dtype=torch.bool)
-        kv_slots = torch.zeros(batch, max_k, dtype=torch.long)
-        offset = 0
-        for b, s in enumerate(seqs):
-            end = s.start + s.num_new
-            if len(s.slots) < end:
-                raise ValueError(f"sequence {b} has {len(s.slots)} cache slots for {end} positions")
-            pos = torch.arange(s.start, end)
-            positions.append(pos)
-            slot_mapping.append(torch.tensor(s.slots[s.start:end], dtype=torch.long))
-            query_index[b, : s.num_new] = torch.arange(offset, offset + s.num_new)
-            query_pos[b, : s.num_new] = pos
-            query_valid[b, : s.num_new] = True
-            kv_slots[b, :end] = torch.tensor(s.slots[:end], dtype=torch.long)
-            offset += s.num_new
+        max_blocks = -(-max_k // block_size)
+        tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in seqs])
+        if any(len(s.block_table) * block_size < s.start + s.num_new for s in seqs):
+            raise ValueError("a sequence has fewer cache blocks than positions")
+        starts = torch.tensor([s.start for s in seqs])
+        num_new = torch.tensor([s.num_new for s in seqs])
+        steps = torch.arange(max_q)
+        query_valid = steps[None, :] < num_new[:, None]
+        query_pos = torch.where(query_valid, starts[:, None] + steps[None, :], 0)
+        offsets = torch.cumsum(num_new, 0) - num_new
+        query_index = torch.where(query_valid, offsets[:, None] + steps[None, :], 0)
+        kv_pos = torch.arange(max_k)
+        kv_slots = tables[:, kv_pos // block_size] * block_size + kv_pos % block_size
         # Causal: a query at position p sees keys 0..p. Padded queries (p = 0) see key 0 only,
         # which keeps their softmax finite; their outputs are dropped.
-        attn_mask = torch.arange(max_k)[None, None, :] <= query_pos[:, :, None]
+        attn_mask = kv_pos[None, None, :] <= query_pos[:, :, None]
         return cls(
-            positions=torch.cat(positions).to(device),
-            slot_mapping=torch.cat(slot_mapping).to(device),
+            positions=query_pos[query_valid].to(device),
+            slot_mapping=kv_slots.gather(1, query_pos)[query_valid].to(device),
             query_index=query_index.to(device),
             query_valid=query_valid.to(device),
             kv_slots=kv_slots.to(device),
