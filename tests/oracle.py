@@ -88,3 +88,15 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
 @torch.no_grad()
 def reference_logits(model, prompt: list[int]) -> torch.Tensor:
     return model(torch.tensor([prompt])).logits[0].float()
+
+
+def write_char_tokenizer(path: Path, vocab_size: int) -> None:
+    """A character-level tokenizer.json for a random checkpoint: token i is one printable character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x3000) if chr(c).isprintable()]
+    vocab = {chars[i]: i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=chars[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(path / "tokenizer.json"))

@@ -256,3 +256,27 @@ def _parse_quantization(raw: dict[str, Any] | None, source: str) -> Quantization
         fmt=raw.get("fmt"),
         activation_scheme=raw.get("activation_scheme"),
     )
+
+
+@dataclass
+class EngineConfig:
+    """How to serve a model: vLLM's option names, with the same meanings."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache; default: gpu_memory_utilization of free memory, 2 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -16,6 +16,10 @@ class Platform:
     def unavailable_reason(cls) -> str:
         return f"device type '{cls.name}' is not available on this machine"
 
+    def memory_info(self, device: torch.device) -> tuple[int, int] | None:
+        """(free, total) bytes of device memory, or None where the device shares host memory."""
+        return None
+
     def auto_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
         """Serving dtype when the user says 'auto': the checkpoint's, with FP8 stored as bf16."""
         return {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype or "", torch.bfloat16)

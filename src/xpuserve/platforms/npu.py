@@ -21,3 +21,8 @@ class NpuPlatform(Platform):
         if importlib.util.find_spec("torch_npu") is None:
             return "device 'npu' needs torch_npu: install the torch_npu wheel matching your torch and CANN versions"
         return "torch_npu is installed but finds no Ascend NPU (check the driver and ASCEND_RT_VISIBLE_DEVICES)"
+
+    def memory_info(self, device):
+        import torch
+
+        return torch.npu.mem_get_info(device)
