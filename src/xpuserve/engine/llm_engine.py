@@ -156,6 +156,12 @@ class LLMEngine:
         detokenizer = request.detokenizers[seq.index]
         delta = detokenizer.add([token])
         reason, stop_reason = self._finish_reason(seq, token, request, detokenizer, len(delta))
+        if reason is not None and not isinstance(stop_reason, str):
+            # Release text held back for an incomplete character; it may still complete a stop string.
+            hit = request.stop.find(detokenizer.text, len(detokenizer.finish()))
+            if hit is not None:
+                detokenizer.truncate(hit.index)
+                reason, stop_reason = "stop", hit.stop
         if reason is not None:
             self.scheduler.finish(seq, reason)
             seq.stop_reason = stop_reason
