@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xpuserve.config import ModelConfig
@@ -11,6 +10,7 @@ from xpuserve.models.context import ForwardContext
 from xpuserve.models.linear import Linear
 from xpuserve.models.norm import RMSNorm
 from xpuserve.models.rotary import RotaryEmbedding
+from xpuserve.platforms import current_platform
 
 
 class DecoderLayer(nn.Module):
@@ -53,7 +53,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return current_platform().linear(hidden, weight)
 
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]

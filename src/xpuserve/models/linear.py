@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from xpuserve.platforms import current_platform
 
 
 class Linear(nn.Module):
@@ -17,7 +18,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return current_platform().linear(x, self.weight, self.bias)
 
 
 class PackedLinear(Linear):

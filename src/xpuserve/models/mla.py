@@ -20,6 +20,7 @@ from xpuserve.models.context import ForwardContext
 from xpuserve.models.linear import Linear
 from xpuserve.models.norm import RMSNorm
 from xpuserve.models.rotary import apply_rotary, softmax_scale
+from xpuserve.platforms import current_platform
 
 
 class MLAttention(nn.Module):
@@ -80,7 +81,8 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, ctx, q_nope, q_pe, cached) -> torch.Tensor:
         w_uk, w_uv = self._up_weights()
-        q_latent = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)
+        bmm = current_platform().bmm
+        q_latent = bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, R]
         k = cached[:, :, None, :]
         out_latent = attend(ctx, torch.cat((q_latent, q_pe), dim=-1), k, k[..., : self.kv_lora_rank], self.scale)
-        return torch.einsum("nhr,hvr->nhv", out_latent, w_uv)
+        return bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, v]

@@ -8,6 +8,7 @@ from torch import nn
 
 from xpuserve.config import ModelConfig
 from xpuserve.models.mlp import MLP
+from xpuserve.platforms import current_platform
 
 
 class Router(nn.Module):
@@ -91,13 +92,14 @@ class Experts(nn.Module):
         token_of = order // top_k
         counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
         out = torch.zeros_like(x)
+        linear = current_platform().linear
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            gate, up = linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.w2[expert])
             y = y * weights.flatten()[order[start : start + count], None]  # float32 weights: product in float32
             out.index_add_(0, tokens, y.to(out.dtype))
             start += count

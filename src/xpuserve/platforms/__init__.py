@@ -10,17 +10,24 @@ from xpuserve.platforms.cuda import CudaPlatform
 from xpuserve.platforms.npu import NpuPlatform
 
 PLATFORMS: dict[str, type[Platform]] = {"npu": NpuPlatform, "cuda": CudaPlatform, "cpu": CpuPlatform}
+_current: Platform = CpuPlatform()
+
+
+def current_platform() -> Platform:
+    """The platform of the device the model was loaded on; its kernels serve every layer."""
+    return _current
 
 
 def resolve_device(device: str = "auto") -> tuple[Platform, torch.device]:
     """'auto' picks npu, then cuda, then cpu; 'cuda:1', 'npu:0', 'cpu' select explicitly."""
+    global _current
     if device == "auto":
-        kind = next(k for k, p in PLATFORMS.items() if p.is_available())
-        return PLATFORMS[kind](), torch.device(kind)
+        device = next(k for k, p in PLATFORMS.items() if p.is_available())
     kind = device.split(":")[0]
     if kind not in PLATFORMS:
         raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda[:N] or npu[:N]")
     platform = PLATFORMS[kind]()
     if not platform.is_available():
         raise RuntimeError(platform.unavailable_reason())
+    _current = platform
     return platform, torch.device(device)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class Platform:
@@ -15,6 +16,16 @@ class Platform:
     @classmethod
     def unavailable_reason(cls) -> str:
         return f"device type '{cls.name}' is not available on this machine"
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b)
+
+    def attention_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Dtype attention scores are computed in for inputs of `dtype`."""
+        return dtype
 
     def memory_info(self, device: torch.device) -> tuple[int, int] | None:
         """(free, total) bytes of device memory, or None where the device shares host memory."""
