@@ -30,7 +30,8 @@ class CpuPlatform(Platform):
         return F.linear(x, weight, bias)
 
     def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.dtype == torch.bfloat16 and a.shape[1] >= BF16_UPCAST_ROWS and not self.native_bf16:
+        # Batched bf16 matmuls are slow at any size there; their operands are small (MLA's W_UK / W_UV).
+        if a.dtype == torch.bfloat16 and not self.native_bf16:
             return torch.bmm(a.float(), b.float()).to(torch.bfloat16)
         return torch.bmm(a, b)
 
