@@ -100,3 +100,23 @@ def write_char_tokenizer(path: Path, vocab_size: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.save(str(path / "tokenizer.json"))
+
+
+def write_reasoning_tokenizer(path: Path, vocab_size: int, think_end_id: int) -> None:
+    """The character tokenizer plus R1's think tags as single (non-special, like R1's) tokens; `</think>`
+    takes id `think_end_id`, so a model that emits that id closes its thought."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x3000) if chr(c).isprintable()]
+    chars = [c for c in chars if c not in "<>/"][: vocab_size]
+    chars[0], chars[think_end_id] = "<think>", "</think>"
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=chars[1]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_tokens([AddedToken("<think>", special=False, normalized=False), AddedToken("</think>", special=False, normalized=False)])
+    tokenizer.save(str(path / "tokenizer.json"))
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant><think>{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))

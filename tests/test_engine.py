@@ -159,3 +159,60 @@ def test_stop_string_across_tokens(case):
     out = stopped.outputs[0]
     assert out.text == text[: text.index(stop)]
     assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_engine_stats_and_request_metrics(case):
+    path, prompts, _, _ = case
+    llm = LLM(path, dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=32)
+    engine = llm.engine
+    for i in range(4):
+        engine.add_request(str(i), prompts[i], greedy(5))
+    engine.step()
+    stats = engine.stats()
+    assert stats.num_running + stats.num_waiting == 4 and stats.num_waiting > 0  # the budget admits only some
+    assert 0 < stats.kv_blocks_used <= stats.kv_blocks_total
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    metrics = finished["0"].metrics
+    assert metrics.arrival_time <= metrics.first_token_time <= metrics.finish_time
+    assert metrics.num_prompt_tokens == len(prompts[0])
+    assert engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0
+
+
+def test_logprobs_are_the_models(case):
+    """Greedy logprobs equal log_softmax of the model's logits at each generated position."""
+    from xpuserve.generate import prompt_logits
+
+    path, prompts, _, _ = case
+    llm = LLM(path, dtype="float32", device="cpu")
+    [out] = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=6, logprobs=3))
+    completion = out.outputs[0]
+    logits = prompt_logits(llm.engine.model, [prompts[1] + completion.token_ids[:-1]])[0]
+    expected = logits[len(prompts[1]) - 1 :].log_softmax(-1)
+    for step, entry in enumerate(completion.logprobs):
+        assert entry.token_id == completion.token_ids[step] == expected[step].argmax().item()
+        assert entry.logprob == pytest.approx(expected[step, entry.token_id].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == expected[step].topk(3).indices.tolist()
+
+
+def test_sdpa_path_for_long_queries_matches(case, monkeypatch):
+    """Long prefills use SDPA instead of materialising all scores; it gives the same outputs."""
+    from xpuserve.models import attention
+
+    path, prompts, max_tokens, expected = case
+    monkeypatch.setattr(attention, "MAX_FOLDED_ROWS", 1)  # every multi-token step takes the SDPA path
+    llm = LLM(path, dtype="float32", device="cpu")
+    assert run_batch(llm, prompts[:8], max_tokens[:8]) == expected[:8]
+
+
+def test_chat_renders_the_template(case):
+    path, prompts, _, _ = case
+    llm = LLM(path, dtype="float32", device="cpu")
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    llm.engine.tokenizer.chat_template = template
+    messages = [{"role": "user", "content": "abc"}]
+    [chat] = llm.chat(messages, greedy(5))
+    [plain] = llm.generate(["[user]abc>"], greedy(5))
+    assert chat.prompt_token_ids == plain.prompt_token_ids == llm.engine.tokenizer.encode("[user]abc>")
+    assert chat.outputs[0].token_ids == plain.outputs[0].token_ids

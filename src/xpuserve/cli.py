@@ -7,11 +7,11 @@ import sys
 
 from xpuserve.config import ConfigError
 from xpuserve.generate import generate
-from xpuserve.tokenizer import Tokenizer
+from xpuserve.tokenizer import ChatTemplateError, Tokenizer
 from xpuserve.weights import CheckpointError, load_model
 
 # Errors that mean "this model folder cannot be used": reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, FileNotFoundError, ValueError)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -41,6 +41,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(text + completion_text(tokenizer, ids, out), flush=True)
 
 
+def default_model() -> str:
+    """The bundled demo model, when the package has one."""
+    try:
+        from xpuserve.demo import MODEL_DIR
+    except ImportError:
+        raise FileNotFoundError("no MODEL_DIR given and this xpuserve has no bundled demo model") from None
+    return str(MODEL_DIR)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from xpuserve.server.launch import serve
+
+    serve(args.model_dir or default_model(), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
     gen.set_defaults(func=cmd_generate)
+
+    from xpuserve.server.launch import add_serve_args
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    srv.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
+    add_serve_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -11,7 +11,7 @@ import torch
 from xpuserve.config import EngineConfig
 from xpuserve.engine.block_manager import BlockManager
 from xpuserve.engine.kv_cache import bytes_per_token
-from xpuserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from xpuserve.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput, TokenLogprob
 from xpuserve.engine.runner import ModelRunner
 from xpuserve.engine.sampler import SamplingRequest
 from xpuserve.engine.scheduler import Scheduler
@@ -84,7 +84,7 @@ class LLMEngine:
             raise ValueError(f"request id '{request_id}' is already in use")
         text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(prompt_ids, params)
+        self.check_request(prompt_ids, params)
         seqs = [
             Sequence(request_id, i, prompt_ids, params, generator=self._generator(params.seed, i))
             for i in range(params.n)
@@ -94,7 +94,8 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError, with a message for the client, if the request cannot be served."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -102,6 +103,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"together over max_model_len {self.max_model_len}"
+            )
         longest = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         if longest > self.num_cache_tokens:
             raise ValueError(f"a sequence of {longest} tokens does not fit the KV cache of {self.num_cache_tokens} tokens")
@@ -118,6 +124,19 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+
+    def stats(self) -> EngineStats:
+        manager = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=manager.num_used_blocks,
+            kv_blocks_total=len(manager.blocks),
+            prefix_cache_queried_tokens=manager.queried_tokens,
+            prefix_cache_hit_tokens=manager.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_tokens_computed=self.runner.num_tokens_computed,
+        )
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -32,6 +32,28 @@ class RequestMetrics:
 
 
 @dataclass
+class EngineStats:
+    """Engine-wide counters, read by the server's /metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    num_tokens_computed: int
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / max(self.prefix_cache_queried_tokens, 1)
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None

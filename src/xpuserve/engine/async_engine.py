@@ -1,0 +1,123 @@
+"""The engine stepping in its own thread; asyncio callers enqueue requests and await their outputs.
+
+The LLMEngine is not thread-safe, so every call into it happens on the engine thread: the
+event loop hands over adds and aborts through a queue, and the engine thread hands outputs
+back with loop.call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from xpuserve.engine.llm_engine import LLMEngine
+from xpuserve.engine.outputs import RequestOutput
+from xpuserve.sampling_params import SamplingParams
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; the client should retry later."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread stopped on an error; no request can be served."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    outputs: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Add] = {}
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xpuserve-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs as they grow; the last one has finished=True.
+        Leaving the loop early (client gone, task cancelled) aborts the request."""
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        if self._commands.qsize() + len(self.engine.scheduler.waiting) >= self.max_waiting:
+            raise EngineOverloaded(f"{self.max_waiting} requests are already waiting")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, prompt, params, outputs, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Aborts what is still running and stops the engine thread."""
+        self._stopping.set()
+        self._commands.put(("stop", None))
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as e:  # noqa: BLE001 - every waiting client must hear of it
+            self.error = e
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDead(f"the engine stopped: {e!r}"))
+        finally:
+            for request_id in list(self._streams):
+                self.engine.abort_request(request_id)
+                self._deliver(request_id, EngineDead("the server is shutting down"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.prompt, command.params)
+            except ValueError as e:
+                command.loop.call_soon_threadsafe(command.outputs.put_nowait, e)
+                return
+            self._streams[command.request_id] = command
+        elif command[0] == "abort":
+            self.engine.abort_request(command[1])
+            self._streams.pop(command[1], None)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[request_id]
+        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)

@@ -1,0 +1,83 @@
+"""`xpuserve serve`: load the model, start the engine thread, run uvicorn until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import uvicorn
+
+from xpuserve.config import EngineConfig
+from xpuserve.engine.async_engine import AsyncEngine
+from xpuserve.engine.llm_engine import LLMEngine
+from xpuserve.reasoning import THINK_END, THINK_START
+from xpuserve.server.app import ServerConfig, build_app
+from xpuserve.tokenizer import render_chat_template
+
+log = logging.getLogger("xpuserve")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N] (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch (default 256)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+
+
+def engine_config(model: str, args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in fields(EngineConfig)} - {"model", "seed"}
+    return EngineConfig(model=model, **{name: getattr(args, name) for name in names})
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead of the model's")
+    parser.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
+                        help="split <think>...</think> into reasoning_content; auto: on when the tokenizer has the think tokens")
+    parser.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this many waiting, answer 429")
+    add_engine_args(parser)
+
+
+def serve(model: str, args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    engine = LLMEngine(engine_config(model, args))
+    chat_template = Path(args.chat_template).read_text() if args.chat_template else None
+    if chat_template is not None:
+        render_chat_template(chat_template, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    config = ServerConfig(
+        served_model_name=args.served_model_name or Path(model).name,
+        api_key=args.api_key,
+        reasoning=reasoning_enabled(args.reasoning_parser, engine),
+        chat_template=chat_template,
+    )
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting_requests)
+    app = build_app(async_engine, config)
+    weights = engine.model.model.embed_tokens.weight
+    print(
+        f"xpuserve: serving {config.served_model_name} on {weights.device} ({str(weights.dtype).removeprefix('torch.')}), "
+        f"KV cache {engine.num_cache_tokens} tokens, reasoning {'on' if config.reasoning else 'off'}, "
+        f"http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    finally:
+        async_engine.shutdown()
+
+
+def reasoning_enabled(choice: str, engine: LLMEngine) -> bool:
+    if choice != "auto":
+        return choice == "deepseek_r1"
+    backend = engine.tokenizer.backend
+    return backend.token_to_id(THINK_START) is not None and backend.token_to_id(THINK_END) is not None

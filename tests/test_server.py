@@ -1,0 +1,229 @@
+"""The OpenAI-compatible server, through the official `openai` client and raw HTTP, on a real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from server_fixture import CHAT_PROMPT, MODEL_NAME, THINK_AFTER, build_reasoning_checkpoint, running_server
+from xpuserve.reasoning import split_reasoning
+
+MESSAGES = [{"role": "user", "content": CHAT_PROMPT}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_r1")
+    build_reasoning_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running_server(model_dir) as (url, engine):
+        yield url, engine
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert httpx.get(server[0] + "/health").status_code == 200
+
+
+def test_chat_separates_reasoning(client):
+    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0, max_tokens=12)
+    message = response.choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert len(reasoning) == THINK_AFTER and "</think>" not in reasoning
+    assert message.content and "</think>" not in message.content
+    assert response.usage.completion_tokens == 12 and response.choices[0].finish_reason == "length"
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 12
+
+
+def test_streamed_chat_equals_non_streamed(client):
+    kwargs = dict(model=MODEL_NAME, messages=MESSAGES, temperature=0.8, seed=5, max_tokens=16)
+    full = client.chat.completions.create(**kwargs).choices[0].message
+    reasoning = content = ""
+    usage = None
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            content += choice.delta.content or ""
+    assert (reasoning, content) == (full.model_extra["reasoning_content"], full.content)
+    assert usage.completion_tokens == 16
+
+
+def test_completions_n2_seed_logprobs(client, server):
+    kwargs = dict(model=MODEL_NAME, prompt=[5, 6, 7, 8], max_tokens=10, temperature=1.0, seed=3, n=2, logprobs=2)
+    first, second = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]  # seeded: reproducible
+    assert len(first.choices) == 2 and first.choices[0].text != first.choices[1].text
+    logprobs = first.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 10 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert first.usage.prompt_tokens == 4 and first.usage.completion_tokens == 20
+
+
+def test_chat_logprobs(client):
+    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0, max_tokens=5,
+                                              logprobs=True, top_logprobs=3)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == 5 and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in entries)  # greedy = best
+
+
+def test_stop_string(client):
+    text = client.completions.create(model=MODEL_NAME, prompt=[9, 10, 11], max_tokens=20, temperature=0).choices[0].text
+    stop = text[4:6]
+    stopped = client.completions.create(model=MODEL_NAME, prompt=[9, 10, 11], max_tokens=20, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL_NAME, prompt=[9, 10, 11], max_tokens=20, temperature=0, stop=[stop], stream=True)
+        if c.choices
+    )
+    assert streamed == stopped.choices[0].text
+
+
+def test_raw_sse(server):
+    url = server[0] + "/v1/completions"
+    body = {"model": MODEL_NAME, "prompt": "abc", "max_tokens": 12, "temperature": 0.7, "seed": 9}
+    full = httpx.post(url, json=body).json()["choices"][0]["text"]
+    lines = []
+    with httpx.stream("POST", url, json={**body, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(line.startswith("data: ") for line in lines)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_64_concurrent_streams_and_metrics(server, client):
+    url, engine = server
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(3 + i % 9)] for i in range(64)]
+    expected = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=8, temperature=0).choices[0].text
+                for p in prompts[:8]]
+    before = _metric(url, "xpuserve:request_success_total")
+    tokens_before = _metric(url, "xpuserve:generation_tokens_total")
+
+    async def one(http: httpx.AsyncClient, prompt):
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+        text = ""
+        async with http.stream("POST", url + "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(one(http, p) for p in prompts))
+
+    texts = asyncio.run(all_of_them())
+    assert texts[:8] == expected
+    assert all(len(t) > 0 for t in texts)
+    assert _metric(url, "xpuserve:request_success_total") == before + 64
+    generated = _metric(url, "xpuserve:generation_tokens_total") - tokens_before
+    assert 64 <= generated <= 64 * 8
+    assert _metric(url, "xpuserve:num_requests_running") == 0
+    assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    url, engine = server
+    body = {"model": MODEL_NAME, "prompt": [3] * 40, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i == 6:
+                break  # leave mid-stream: closing the connection must abort the request
+    for _ in range(200):
+        if engine.block_manager.num_free_blocks == len(engine.block_manager.blocks) and not engine.requests:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert not engine.requests
+    assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+
+
+def _metric(url: str, name: str) -> float:
+    """The metric's value, summed over its labels."""
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith((name + " ", name + "{")))
+
+
+BAD_REQUESTS = [
+    (400, "/v1/chat/completions", {"model": MODEL_NAME, "messages": MESSAGES, "temperature": -1}, "temperature"),
+    (400, "/v1/chat/completions", {"model": MODEL_NAME, "messages": MESSAGES, "top_p": 1.5}, "top_p"),
+    (400, "/v1/chat/completions", {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    (400, "/v1/chat/completions", {"model": MODEL_NAME, "messages": []}, "messages"),
+    (400, "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    (400, "/v1/chat/completions", {"model": MODEL_NAME, "messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    (400, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 10**6}, "max_model_len"),
+    (400, "/v1/completions", {"model": MODEL_NAME, "prompt": [10**6]}, "token ids"),
+    (404, "/v1/completions", {"model": "gpt-4", "prompt": "x"}, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("status, path, body, needle", BAD_REQUESTS)
+def test_bad_request_then_good_one(server, status, path, body, needle):
+    response = httpx.post(server[0] + path, json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] + str(error["param"]) and error["type"]
+    assert httpx.post(server[0] + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("raw, status", [(b"{not json", 400), (b"\xff\xfe\x00garbage", 400), (b"x" * (9 << 20), 413)])
+def test_malformed_bodies(server, raw, status):
+    response = httpx.post(server[0] + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert response.json()["error"]["message"]
+    assert httpx.post(server[0] + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_api_key(model_dir):
+    with running_server(model_dir, api_key="s3cret") as (url, _):
+        denied = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x"})
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        wrong = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret").completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
+        assert ok.choices[0].text is not None
+
+
+def test_hostile_chat_template_is_refused(model_dir):
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with running_server(model_dir, chat_template=hostile) as (url, _):
+        response = httpx.post(url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES})
+        assert response.status_code == 400 and "refused" in response.json()["error"]["message"]
+        assert httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_overload_gives_429_with_retry_after(model_dir):
+    with running_server(model_dir, max_waiting=0) as (url, _):
+        response = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2})
+        assert response.status_code == 429 and response.headers["retry-after"]
+
+
+def test_split_reasoning_is_stream_safe():
+    from xpuserve.reasoning import ReasoningParser
+
+    text = "<think>\nplan a</thi then </think>\n\nanswer </think"
+    whole = split_reasoning(text)
+    assert whole == ("\nplan a</thi then ", "answer </think")
+    for cut in range(1, len(text)):
+        parser = ReasoningParser()
+        parts = [parser.feed(text[:cut]), parser.feed(text[cut:]), parser.finish()]
+        assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == whole
+    assert split_reasoning("unfinished thought") == ("unfinished thought", "")
