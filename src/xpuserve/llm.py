@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 from itertools import count
+from pathlib import Path
 
 from xpuserve.config import EngineConfig
+from xpuserve.demo import MODEL_DIR
 from xpuserve.engine.llm_engine import LLMEngine
 from xpuserve.engine.outputs import RequestOutput
 from xpuserve.sampling_params import SamplingParams
@@ -14,7 +16,9 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str, **engine_args):
+    def __init__(self, model: str | Path | None = None, **engine_args):
+        """`model` is a Hugging Face checkpoint folder; None serves the bundled demo model."""
+        model = MODEL_DIR if model is None else model
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(engine_args) - known
         if unknown:
