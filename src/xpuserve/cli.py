@@ -56,6 +56,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model_dir or default_model(), args)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from xpuserve.chat import chat_loop
+    from xpuserve.engine.llm_engine import LLMEngine
+    from xpuserve.sampling_params import SamplingParams
+    from xpuserve.server.launch import engine_config
+
+    engine = LLMEngine(engine_config(args.model_dir or default_model(), args))
+    chat_loop(engine, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
     gen.set_defaults(func=cmd_generate)
 
-    from xpuserve.server.launch import add_serve_args
+    from xpuserve.server.launch import add_engine_args, add_serve_args
+
+    chat = sub.add_parser("chat", help="talk to a model in the terminal (thought dimmed, answer plain)")
+    chat.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
+    chat.add_argument("--max-tokens", type=positive_int, default=1024, help="longest reply in tokens (default 1024)")
+    chat.add_argument("--temperature", type=float, default=0.6, help="0 means greedy (default 0.6, as DeepSeek recommends for R1)")
+    chat.add_argument("--seed", type=int, default=None)
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     srv.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")

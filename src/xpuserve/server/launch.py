@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from dataclasses import fields
 from pathlib import Path
 
@@ -70,10 +71,19 @@ def serve(model: str, args: argparse.Namespace) -> None:
         f"http://{args.host}:{args.port}/v1",
         flush=True,
     )
+    # uvicorn drains connections on SIGINT/SIGTERM, then raises the signal again for the handler
+    # that was there before it: make that one a clean exit instead of a KeyboardInterrupt or a kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
     finally:
         async_engine.shutdown()
+        print("xpuserve: shut down", flush=True)
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def reasoning_enabled(choice: str, engine: LLMEngine) -> bool:

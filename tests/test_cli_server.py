@@ -1,0 +1,94 @@
+"""`xpuserve serve` and `xpuserve chat` as real subprocesses: start-up, graceful shutdown, refusals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_fixture import CHAT_PROMPT, THINK_AFTER, build_reasoning_checkpoint, free_port
+from xpuserve.reasoning import split_reasoning
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_r1_cli")
+    build_reasoning_checkpoint(path)
+    return path
+
+
+def start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xpuserve", "serve", str(model_dir), "--port", str(port), "--dtype", "float32",
+         "--device", "cpu", "--served-model-name", "m", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"server did not start: {proc.communicate()}")
+
+
+def test_serve_answers_then_shuts_down_gracefully_on_sigterm(model_dir):
+    proc, url = start_server(model_dir)
+    try:
+        reply = httpx.post(url + "/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": CHAT_PROMPT}], "temperature": 0, "max_tokens": 8}).json()
+        assert len(reply["choices"][0]["message"]["reasoning_content"]) == THINK_AFTER
+        lines: list[str] = []
+
+        def stream():  # a long request in flight while the server is told to stop
+            body = {"model": "m", "prompt": "ab", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            try:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                    lines.extend(line for line in response.iter_lines() if line)
+            except httpx.HTTPError:
+                pass
+
+        client = threading.Thread(target=stream)
+        client.start()
+        while not lines:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        client.join(30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "serving m on cpu (float32)" in out and "KV cache" in out and "reasoning on" in out
+    assert not client.is_alive()
+
+
+def test_hostile_chat_template_file_stops_start_up(model_dir, tmp_path):
+    template = tmp_path / "evil.jinja"
+    template.write_text("{{ cycler.__init__.__globals__.os.popen('touch " + str(tmp_path / "pwned") + "').read() }}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "xpuserve", "serve", str(model_dir), "--chat-template", str(template), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_chat_command_streams_reasoning_and_answer(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "xpuserve", "chat", str(model_dir), "--temperature", "0", "--max-tokens", "8",
+         "--dtype", "float32", "--device", "cpu"],
+        input=f"{CHAT_PROMPT}\nexit\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    reply = proc.stdout.split("> ")[1].strip()
+    assert len(reply) > THINK_AFTER
