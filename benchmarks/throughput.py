@@ -1,0 +1,150 @@
+"""Generation throughput: xpuserve against HF transformers `generate`, in one process and one run.
+
+The model is a random DeepSeek-V3-shaped checkpoint of about 200M parameters (bf16): MLA with
+q_lora, 16 routed experts (top-4, 4 groups, 2 chosen) plus one shared, first layer dense.
+Prompts of 128 tokens, 128 greedy output tokens, at several concurrencies.
+
+    python benchmarks/throughput.py                  # writes docs/benchmarks.md
+    python benchmarks/throughput.py --concurrency 1  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from xpuserve import LLM, SamplingParams
+
+CONFIG = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, first_k_dense_replace=1,
+    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=16, moe_intermediate_size=512,
+    num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, q_lora_rank=384, kv_lora_rank=256,
+    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
+)
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def build_checkpoint(path: Path):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG)).to(torch.bfloat16).eval()
+    with torch.no_grad():  # a router that prefers some experts, as trained ones do
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    model.save_pretrained(path)
+    write_tokenizer(path, CONFIG["vocab_size"])
+    return model
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+def active_bytes_per_token(model) -> int:
+    """Weights a decode step reads for one token: all but the idle routed experts and the embedding table."""
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    idle = moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return (total - idle - model.model.embed_tokens.weight.numel()) * 2
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second moved by a large tensor copy (read + write)."""
+    src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
+
+
+def time_hf(model, prompts: torch.Tensor, output_len: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+            max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompts.shape[1] + output_len
+    return elapsed
+
+
+def time_xpuserve(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--no-report", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_checkpoint(Path(tmp))
+        llm = LLM(tmp, dtype="bfloat16", device="cpu")
+        params = sum(p.numel() for p in hf.parameters())
+        active = active_bytes_per_token(hf)
+        bandwidth = copy_bandwidth()
+        print(f"model: {params / 1e6:.0f}M parameters, {active / 2e6:.0f}M active per token (bf16)")
+        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 decode roofline {bandwidth / active:.0f} tok/s")
+        time_xpuserve(llm, [[1] * 16], 4)  # warm up both
+        time_hf(hf, torch.ones(1, 16, dtype=torch.long), 4)
+        rows = []
+        for c in args.concurrency:
+            prompts = torch.randint(0, CONFIG["vocab_size"], (c, args.prompt_len), generator=torch.Generator().manual_seed(c))
+            ours = c * args.output_len / time_xpuserve(llm, prompts.tolist(), args.output_len)
+            theirs = c * args.output_len / time_hf(hf, prompts, args.output_len)
+            rows.append((c, ours, theirs))
+            print(f"concurrency {c:3d}: xpuserve {ours:7.1f} tok/s   transformers {theirs:7.1f} tok/s   ratio {ours / theirs:5.2f}x")
+            if not args.no_report:  # after every row, so a long run that is stopped still leaves its results
+                write_report(args, rows, params, active, bandwidth)
+
+
+def write_report(args, rows, params, active, bandwidth) -> None:
+    lines = [
+        "## Throughput: xpuserve vs HF transformers (CPU, bf16)",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Command: `python benchmarks/throughput.py --concurrency {' '.join(map(str, args.concurrency))}`"
+        f" (prompt {args.prompt_len} tokens, {args.output_len} greedy output tokens).",
+        f"Model: random DeepSeek-V3-shaped checkpoint, {params / 1e6:.0f}M parameters, {active / 2e6:.0f}M active per token.",
+        f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s: batch-1 decode roofline {bandwidth / active:.0f} tok/s.",
+        "",
+        "| concurrent requests | xpuserve tok/s | transformers tok/s | ratio |",
+        "|---:|---:|---:|---:|",
+        *[f"| {c} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |" for c, ours, theirs in rows],
+        "",
+    ]
+    REPORT.parent.mkdir(exist_ok=True)
+    text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n\n"
+    start = text.find(lines[0])
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + text[end + 1 :] if end >= 0 else text[:start]
+    REPORT.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
