@@ -1,0 +1,7 @@
+"""The bundled demo model: a tiny DeepSeek-V3 that thinks through 3-digit arithmetic, trained by `train.py`."""
+
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+__all__ = ["MODEL_DIR"]
