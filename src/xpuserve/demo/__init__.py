@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-MODEL_DIR = Path(__file__).parent / "model"
+MODEL_DIR = Path(__file__).parent / "xpuserve-r1-demo"
 
 __all__ = ["MODEL_DIR"]

@@ -1,6 +1,6 @@
 """Train the bundled demo model with xpuserve's own model code, deterministically, on a CPU.
 
-    python -m xpuserve.demo.train --out src/xpuserve/demo/model
+    python -m xpuserve.demo.train --out src/xpuserve/demo/xpuserve-r1-demo
 
 Each step packs a batch of conversations into one forward pass over a fresh KV cache, exactly
 as the engine runs a prefill (autograd flows through the cache writes and reads), and takes the
