@@ -69,6 +69,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train-demo", help="retrain the bundled demo model (python -m xpuserve.demo.train --help)")
 
     gen = sub.add_parser("generate", help="complete prompts offline and print the text")
     gen.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-demo"]:  # its own flags live with the training code
+        from xpuserve.demo.train import main as train_demo
+
+        train_demo(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
