@@ -122,11 +122,21 @@ def main() -> None:
                 write_report(args, rows, params, active, bandwidth)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_report(args, rows, params, active, bandwidth) -> None:
     lines = [
         "## Throughput: xpuserve vs HF transformers (CPU, bf16)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         f"Command: `python benchmarks/throughput.py --concurrency {' '.join(map(str, args.concurrency))}`"
         f" (prompt {args.prompt_len} tokens, {args.output_len} greedy output tokens).",
         f"Model: random DeepSeek-V3-shaped checkpoint, {params / 1e6:.0f}M parameters, {active / 2e6:.0f}M active per token.",
