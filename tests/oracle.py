@@ -120,3 +120,6 @@ def write_reasoning_tokenizer(path: Path, vocab_size: int, think_end_id: int) ->
     template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                 "{% if add_generation_prompt %}<assistant><think>{% endif %}")
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+
+
+STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"  # a real trained tiny Llama, shared data

@@ -8,7 +8,7 @@ import pytest
 
 from xpuserve.tokenizer import ChatTemplateError, Tokenizer
 
-STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
+from oracle import STORIES
 if not STORIES.is_dir():
     pytest.skip(f"{STORIES} is absent (shared test model)", allow_module_level=True)
 

@@ -2,11 +2,10 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
+from oracle import STORIES
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} is absent (shared test model)")
 
 

@@ -1,14 +1,13 @@
 """Streaming detokenization and stop strings on a real byte-fallback tokenizer (stories260K)."""
 
 import random
-from pathlib import Path
 
 import pytest
 
 from xpuserve.detokenizer import IncrementalDetokenizer, StopChecker, StopMatch
 from xpuserve.tokenizer import Tokenizer
 
-STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
+from oracle import STORIES
 if not STORIES.is_dir():
     pytest.skip(f"{STORIES} is absent (shared test model)", allow_module_level=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from xpuserve.generate import generate, prompt_logits
 from xpuserve.tokenizer import Tokenizer
 from xpuserve.weights import load_model
 
-STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
+from oracle import STORIES
 pytestmark = pytest.mark.skipif(not STORIES.exists(), reason=f"{STORIES} is not on this machine")
 PROMPTS = ["Once upon a time", "Lily and Ben", "The cat"]
 

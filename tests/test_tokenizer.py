@@ -1,13 +1,12 @@
 """xpuserve's Tokenizer against transformers' AutoTokenizer on a real checkpoint's tokenizer."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from xpuserve.tokenizer import Tokenizer
 
-STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
+from oracle import STORIES
 if not STORIES.is_dir():
     pytest.skip(f"{STORIES} is absent (shared test model)", allow_module_level=True)
 
