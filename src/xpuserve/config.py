@@ -265,6 +265,7 @@ class EngineConfig:
     model: str
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str | None = None  # "int8": INT8 weights (and activations where the platform has an INT8 matmul)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes for the KV cache; default: gpu_memory_utilization of free memory, 2 GiB on CPU

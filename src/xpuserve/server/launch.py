@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N] (default auto)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--quantization", "-q", choices=("int8",), default=None,
+                        help="int8: INT8 weights with per-channel scales, converted on load (FP8 checkpoints block by block)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
