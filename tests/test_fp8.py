@@ -16,7 +16,7 @@ from xpuserve.config import ModelConfig
 from xpuserve.generate import prompt_logits
 from xpuserve.models import build_model
 from xpuserve.weights import CheckpointError, load_model, load_weights
-from xpuserve.weights import fp8
+from xpuserve.quantization import fp8
 from xpuserve.weights.checkpoint import INDEX_FILE
 from xpuserve.weights.loader import expected_tensors
 

@@ -7,11 +7,12 @@ import sys
 
 from xpuserve.config import ConfigError
 from xpuserve.generate import generate
+from xpuserve.platforms import DeviceError
 from xpuserve.tokenizer import ChatTemplateError, Tokenizer
 from xpuserve.weights import CheckpointError, load_model
 
 # Errors that mean "this model folder cannot be used": reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, FileNotFoundError, ValueError)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

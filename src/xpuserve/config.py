@@ -245,8 +245,10 @@ def _parse_quantization(raw: dict[str, Any] | None, source: str) -> Quantization
     if not raw:
         return None
     method = raw.get("quant_method")
+    if method == "int8":  # written by `xpuserve convert --to int8`
+        return QuantizationConfig(quant_method=method)
     if method != "fp8":
-        raise ConfigError(f"{source}: quantization '{method}' is not supported; xpuserve reads DeepSeek's block fp8")
+        raise ConfigError(f"{source}: quantization '{method}' is not supported; xpuserve reads DeepSeek's block fp8 and its own int8")
     block = raw.get("weight_block_size")
     if block is None or len(block) != 2:
         raise ConfigError(f"{source}: fp8 quantization_config needs weight_block_size [rows, cols]")
@@ -274,9 +276,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks (torchrun processes) the model is split across
+    enable_expert_parallel: bool = False  # routed experts partitioned across the TP ranks instead of each split
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:

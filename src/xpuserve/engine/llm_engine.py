@@ -43,7 +43,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         platform, device = resolve_device(config.device)
-        self.model = load_model(config.model, config.dtype, config.device)
+        self.model = load_model(config.model, config.dtype, config.device, config.quantization)
         self.model_config = self.model.config
         self.tokenizer = Tokenizer.from_pretrained(config.model)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings

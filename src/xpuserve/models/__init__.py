@@ -7,6 +7,7 @@ import torch
 from xpuserve.config import ModelConfig
 from xpuserve.models.decoder import CausalLM
 from xpuserve.models.deepseek import DeepseekForCausalLM
+from xpuserve.models.linear import WeightFormat, weight_format
 from xpuserve.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
@@ -17,12 +18,14 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 }
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
-    """An uninitialised model with parameters on `device` in `dtype` (routers stay float32)."""
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                weights: WeightFormat = WeightFormat()) -> CausalLM:
+    """An uninitialised model with parameters on `device` in `dtype` (routers stay float32),
+    linear layers in the `weights` format."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), weight_format(weights):
             return MODEL_CLASSES[config.architecture](config).eval()
     finally:
         torch.set_default_dtype(previous)

@@ -40,7 +40,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config, layers)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        # The lm_head stays in the model dtype, as in DeepSeek's FP8 release: small, and sensitive.
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, quantize=False)
         self.rotary = RotaryEmbedding(rope_dim, config.rope)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -42,7 +42,8 @@ class MLAttention(nn.Module):
             self.q_b_proj = Linear(self.q_lora_rank, heads * qk_dim)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        # Kept in the model dtype: the absorbed decode multiplies its halves directly.
+        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), quantize=False)
         self.o_proj = Linear(heads * self.v_dim, hidden, bias=config.attention_bias)
         self.scale = softmax_scale(qk_dim, config.rope)
         self.latent_cache: torch.Tensor | None = None  # [slots, kv_lora_rank + rope_dim], bound by the runner

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xpuserve.config import ModelConfig
+from xpuserve.models.linear import current_weight_format, matmul, quantized_weight, weight_rows
 from xpuserve.models.mlp import MLP
-from xpuserve.platforms import current_platform
 
 
 class Router(nn.Module):
@@ -73,16 +73,23 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        fmt = current_weight_format()
+        self.int8_activations = fmt.int8_activations
+        self.model_dtype = torch.get_default_dtype()
+        self.w13, self.w13_scale = quantized_weight((num_experts, 2 * intermediate_size, hidden_size), fmt.kind)
+        self.w2, self.w2_scale = quantized_weight((num_experts, hidden_size, intermediate_size), fmt.kind)
 
-    def checkpoint_views(self, name: str) -> dict[str, torch.Tensor]:
-        views, inter = {}, self.intermediate_size
+    def checkpoint_views(self, name: str) -> dict[str, object]:
+        views, inter, dtype = {}, self.intermediate_size, self.model_dtype
         for e in range(self.w13.shape[0]):
-            views[f"{name}.{e}.gate_proj.weight"] = self.w13.data[e, :inter]
-            views[f"{name}.{e}.up_proj.weight"] = self.w13.data[e, inter:]
-            views[f"{name}.{e}.down_proj.weight"] = self.w2.data[e]
+            w13 = weight_rows(self.w13, self.w13_scale, e, dtype)
+            views[f"{name}.{e}.gate_proj.weight"] = w13[:inter]
+            views[f"{name}.{e}.up_proj.weight"] = w13[inter:]
+            views[f"{name}.{e}.down_proj.weight"] = weight_rows(self.w2, self.w2_scale, e, dtype)
         return views
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, expert: int) -> torch.Tensor:
+        return matmul(x, weight[expert], None if scale is None else scale[expert], None, self.int8_activations)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sorts the (token, expert) pairs by expert and runs each busy expert once on its tokens."""
@@ -92,14 +99,13 @@ class Experts(nn.Module):
         token_of = order // top_k
         counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
         out = torch.zeros_like(x)
-        linear = current_platform().linear
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
-            gate, up = linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
-            y = linear(F.silu(gate) * up, self.w2[expert])
+            gate, up = self._linear(x[tokens], self.w13, self.w13_scale, expert).chunk(2, dim=-1)
+            y = self._linear(F.silu(gate) * up, self.w2, self.w2_scale, expert)
             y = y * weights.flatten()[order[start : start + count], None]  # float32 weights: product in float32
             out.index_add_(0, tokens, y.to(out.dtype))
             start += count

@@ -1,6 +1,8 @@
 import torch
 from torch import nn
 
+from xpuserve.platforms import current_platform
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -9,7 +11,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, cast back, then scale: the order the checkpoints were trained with.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return current_platform().rms_norm(x, self.weight, self.eps)

@@ -9,6 +9,10 @@ from xpuserve.platforms.cpu import CpuPlatform
 from xpuserve.platforms.cuda import CudaPlatform
 from xpuserve.platforms.npu import NpuPlatform
 
+class DeviceError(RuntimeError):
+    """The requested device cannot be used; the message says why and what to do."""
+
+
 PLATFORMS: dict[str, type[Platform]] = {"npu": NpuPlatform, "cuda": CudaPlatform, "cpu": CpuPlatform}
 _current: Platform = CpuPlatform()
 
@@ -25,9 +29,12 @@ def resolve_device(device: str = "auto") -> tuple[Platform, torch.device]:
         device = next(k for k, p in PLATFORMS.items() if p.is_available())
     kind = device.split(":")[0]
     if kind not in PLATFORMS:
-        raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda[:N] or npu[:N]")
+        raise DeviceError(f"unknown device '{device}'; use auto, cpu, cuda[:N] or npu[:N]")
     platform = PLATFORMS[kind]()
     if not platform.is_available():
-        raise RuntimeError(platform.unavailable_reason())
+        raise DeviceError(platform.unavailable_reason())
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= platform.device_count()):
+        raise DeviceError(f"device '{device}' does not exist: this machine has {platform.device_count()} {kind} device(s)")
     _current = platform
     return platform, torch.device(device)

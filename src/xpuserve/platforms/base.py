@@ -1,13 +1,19 @@
+"""The interface every device family implements. Model and engine code ask the platform;
+they never branch on a device name. Each fast op has a plain-PyTorch fallback here."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from xpuserve.quantization import fp8, int8
+
 
 class Platform:
     """What the engine asks of a device family. Subclasses override what differs."""
 
-    name = "base"
+    name = "base"  # torch device type, as in "cuda:0"
+    dist_backend = "gloo"  # torch.distributed backend between devices of this kind
 
     @classmethod
     def is_available(cls) -> bool:
@@ -17,20 +23,79 @@ class Platform:
     def unavailable_reason(cls) -> str:
         return f"device type '{cls.name}' is not available on this machine"
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, weight, bias)
+    # --- devices -------------------------------------------------------------------------
+    def device(self, index: int | None = None) -> torch.device:
+        return torch.device(self.name if index is None else f"{self.name}:{index}")
 
-    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(a, b)
+    def device_count(self) -> int:
+        return 1
 
-    def attention_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """Dtype attention scores are computed in for inputs of `dtype`."""
-        return dtype
+    def device_name(self, device: torch.device) -> str:
+        return self.name
 
     def memory_info(self, device: torch.device) -> tuple[int, int] | None:
         """(free, total) bytes of device memory, or None where the device shares host memory."""
         return None
 
-    def auto_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        """Serving dtype when the user says 'auto': the checkpoint's, with FP8 stored as bf16."""
-        return {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype or "", torch.bfloat16)
+    def synchronize(self, device: torch.device | None = None) -> None:
+        """Wait for queued kernels (device work is asynchronous on accelerators)."""
+
+    def empty_cache(self) -> None:
+        """Give cached, unused device memory back to the driver."""
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds every device type torch knows, accelerators included
+
+    # --- what the hardware computes natively -----------------------------------------------
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def matmul_kinds(self) -> frozenset[str]:
+        """Matmul input types with native hardware support: bf16, fp16, fp8, int8."""
+        return frozenset({"bf16", "fp16"})
+
+    def int8_activations(self) -> bool:
+        """Quantize activations too (W8A8) when weights are INT8: only where an INT8 matmul is fast."""
+        return "int8" in self.matmul_kinds()
+
+    # --- ops, with plain-PyTorch fallbacks -------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] float, weight [N, K] int8 with per-row scale [N] float32: weight-only INT8."""
+        return self.linear(x, int8.dequantize(weight, scale, x.dtype), bias)
+
+    def w8a8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """INT8 x INT8 with dynamic per-token activation scales; accumulates in int32."""
+        x_q, x_scale = int8.quantize_per_token(x)
+        acc = self.int8_matmul(x_q.view(-1, x.shape[-1]), weight)
+        y = (acc.float() * x_scale.view(-1, 1) * scale.float()).to(x.dtype).view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+
+    def int8_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a [M, K] int8 @ b [N, K]^T int8 -> [M, N] int32."""
+        return torch._int_mm(a, b.t())
+
+    def fp8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """weight [N, K] float8_e4m3fn with scale_inv [N, ceil(K/128)]: one scale per row and 128 columns."""
+        return self.linear(x, fp8.dequantize_rows(weight, scale_inv, x.dtype), bias)
+
+    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Normalise in float32, cast back, then scale: the order the checkpoints were trained with.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def attention_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Dtype attention scores are computed in for inputs of `dtype`."""
+        return dtype
+
+    # --- dtype choice ----------------------------------------------------------------------
+    def auto_dtype(self, checkpoint_dtype: str | None, weight_kind: str = "float") -> tuple[torch.dtype, str]:
+        """Activation dtype when the user says 'auto', and why: the checkpoint's, bf16 for FP8/INT8 ones."""
+        dtype = {"float32": torch.float32, "float16": torch.float16}.get(checkpoint_dtype or "", torch.bfloat16)
+        return dtype, f"{str(dtype).removeprefix('torch.')} as the checkpoint"

@@ -1,4 +1,5 @@
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -11,15 +12,39 @@ BF16_UPCAST_ROWS = 12
 
 class CpuPlatform(Platform):
     name = "cpu"
+    dist_backend = "gloo"
 
     @classmethod
     def is_available(cls) -> bool:
         return True
 
-    def auto_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        # float16 matmuls on CPUs are slow or emulated; bf16 and float32 are native on current x86/Arm.
-        dtype = super().auto_dtype(checkpoint_dtype)
-        return torch.float32 if dtype == torch.float16 else dtype
+    def device_name(self, device: torch.device) -> str:
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+        except OSError:
+            model = "CPU"
+        return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16)  # float16 matmuls are emulated and slow on CPUs
+
+    def matmul_kinds(self) -> frozenset[str]:
+        return frozenset({"bf16"} if self.native_bf16 else set())
+
+    def int8_activations(self) -> bool:
+        # torch._int_mm runs on CPUs but without VNNI/AMX it is slower than weight-only INT8.
+        return False
+
+    def auto_dtype(self, checkpoint_dtype: str | None, weight_kind: str = "float") -> tuple[torch.dtype, str]:
+        if weight_kind == "int8":
+            return torch.bfloat16, "bf16: the CPU's INT8 weight kernel takes bf16 activations"
+        dtype, reason = super().auto_dtype(checkpoint_dtype, weight_kind)
+        if dtype == torch.float16:
+            return torch.float32, "float32: float16 matmuls are emulated on CPUs"
+        if dtype == torch.bfloat16 and not self.native_bf16:
+            return torch.float32, "float32: this CPU has no native bf16 (no AVX512-BF16/AMX)"
+        return dtype, reason
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # CPUs without native bf16 (AVX2) run a bf16 GEMM row by row: at 16 rows and more,
@@ -29,6 +54,14 @@ class CpuPlatform(Platform):
             return F.linear(x.float(), weight.float(), bias).to(torch.bfloat16)
         return F.linear(x, weight, bias)
 
+    def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # PyTorch's packed weight-only INT8 kernel: fast for bf16 inputs, slow for float32 ones.
+        if x.dtype != torch.bfloat16:
+            return super().int8_linear(x, weight, scale, bias)
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scale.to(x.dtype))
+        y = y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+
     def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # Batched bf16 matmuls are slow at any size there; their operands are small (MLA's W_UK / W_UV).
         if a.dtype == torch.bfloat16 and not self.native_bf16:
@@ -37,6 +70,9 @@ class CpuPlatform(Platform):
 
     def attention_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if dtype == torch.bfloat16 and not self.native_bf16 else dtype
+
+    def memory_info(self, device: torch.device) -> None:
+        return None  # host memory: the engine takes a fixed KV budget unless told otherwise
 
     @functools.cached_property
     def native_bf16(self) -> bool:

@@ -2,7 +2,9 @@
 
 The model declares the checkpoint tensors it expects (a view of its own storage for each);
 every checkpoint tensor must fill exactly one of them. Tensors of multi-token-prediction
-layers (index >= num_hidden_layers) are set aside; FP8 weights are dequantized block by block.
+layers (index >= num_hidden_layers) are set aside. A quantized checkpoint tensor is read with
+its scales beside it and loaded into whatever the model holds: FP8 kept as FP8, or dequantized
+(into float, or straight to INT8) one block-row at a time.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from xpuserve.config import ModelConfig
 from xpuserve.models import build_model
 from xpuserve.models.decoder import CausalLM
 from xpuserve.platforms import resolve_device
-from xpuserve.weights import fp8
+from xpuserve.quantization import fp8, int8
 from xpuserve.weights.checkpoint import Checkpoint, CheckpointError
+from xpuserve.weights.format import choose_format
 
 log = logging.getLogger(__name__)
 LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+INT8_SCALE_SUFFIX = "_scale"  # x.weight (int8) + x.weight_scale (float32, one per row)
+SCALE_SUFFIXES = (fp8.SCALE_SUFFIX, INT8_SCALE_SUFFIX)
 PROGRESS_BAR_BYTES = 1 << 30
 
 
@@ -56,7 +61,7 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
             if _is_mtp(name, config.num_hidden_layers):
                 stats["mtp_skipped"] += 1
                 continue
-            if name.endswith(fp8.SCALE_SUFFIX) and name[: -len(fp8.SCALE_SUFFIX)] in ckpt.file_of:
+            if any(name.endswith(s) and name[: -len(s)] in ckpt.file_of for s in SCALE_SUFFIXES):
                 continue  # read together with its weight
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 stats["tied_skipped"] += 1
@@ -77,25 +82,42 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
     return stats
 
 
-def _load_one(ckpt: Checkpoint, name: str, target: torch.Tensor, block: tuple[int, int] | None) -> None:
+def _load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None) -> None:
+    """Copy one checkpoint tensor into its target: a tensor view, or an Int8Rows / Fp8Rows."""
     where = ckpt.dir / ckpt.file_of[name]
     tensor = ckpt.get(name)
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointError(
             f"tensor '{name}' in {where} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
         )
-    if tensor.dtype != torch.float8_e4m3fn:
-        target.copy_(tensor)
-        return
-    scale_name = name + fp8.SCALE_SUFFIX
-    if scale_name not in ckpt.file_of:
-        raise CheckpointError(f"fp8 tensor '{name}' in {where} has no '{scale_name}' beside it")
-    if block is None:
-        raise CheckpointError(f"fp8 tensor '{name}' in {where}, but config.json has no quantization_config")
+    device = target.weight.device if hasattr(target, "weight") else target.device
     try:
-        fp8.dequantize_into(target, tensor.to(target.device), ckpt.get(scale_name).to(target.device), block)
-    except ValueError as e:
+        if tensor.dtype == torch.int8:
+            scale = _companion(ckpt, name, INT8_SCALE_SUFFIX).to(device)
+            if isinstance(target, int8.Int8Rows):
+                target.load_int8(tensor.to(device), scale)
+            else:
+                target.copy_(int8.dequantize(tensor.to(device), scale))
+        elif tensor.dtype == torch.float8_e4m3fn:
+            scale_inv = _companion(ckpt, name, fp8.SCALE_SUFFIX).to(device)
+            if block is None:
+                raise CheckpointError(f"fp8 tensor '{name}' in {where}, but config.json has no quantization_config")
+            if isinstance(target, fp8.Fp8Rows):
+                target.load_fp8(tensor.to(device), scale_inv, block)
+            else:
+                fp8.dequantize_into(target, tensor.to(device), scale_inv, block)
+        else:
+            target.copy_(tensor)
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"tensor '{name}' in {where}: {e}") from None
+
+
+def _companion(ckpt: Checkpoint, name: str, suffix: str) -> torch.Tensor:
+    if name + suffix not in ckpt.file_of:
+        raise CheckpointError(f"{ckpt.dir / ckpt.file_of[name]}: quantized tensor '{name}' has no '{name + suffix}' beside it")
+    return ckpt.get(name + suffix)
 
 
 def _is_mtp(name: str, num_layers: int) -> bool:
@@ -103,14 +125,14 @@ def _is_mtp(name: str, num_layers: int) -> bool:
     return match is not None and int(match.group(1)) >= num_layers
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto") -> CausalLM:
-    """Parse config.json, build the model on the chosen device and fill it from the checkpoint."""
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",
+               quantization: str | None = None) -> CausalLM:
+    """Parse config.json, choose the serving format, build the model on the device and fill it."""
     config = ModelConfig.from_pretrained(model_dir)
     platform, torch_device = resolve_device(device)
-    if dtype == "auto":
-        dtype = platform.auto_dtype(config.torch_dtype)
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = build_model(config, dtype, torch_device)
+    fmt = choose_format(platform, config, dtype, quantization)
+    log.info("serving format: %s", fmt.describe())
+    model = build_model(config, fmt.dtype, torch_device, fmt.weights)
     load_weights(model, model_dir)
+    model.serving_format = fmt
     return model

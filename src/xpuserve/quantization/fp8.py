@@ -40,3 +40,41 @@ def quantize(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple
     scale_inv = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
     q = (blocks / scale_inv[:, None, :, None]).view_as(padded)[:rows, :cols]
     return q.to(torch.float8_e4m3fn), scale_inv
+
+
+# Served FP8 keeps one scale per row and 128 columns (the checkpoint's 128 x 128 block scales,
+# repeated down the rows), so a layer can be cut by rows: packed projections, tensor-parallel shards.
+COLUMN_BLOCK = 128
+
+
+def dequantize_rows(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight [N, K] fp8, scale_inv [N, ceil(K/128)] -> [N, K] in dtype."""
+    scale = scale_inv.repeat_interleave(COLUMN_BLOCK, dim=-1)[..., : weight.shape[-1]]
+    return (weight.to(torch.float32) * scale).to(dtype)
+
+
+class Fp8Rows:
+    """Load target for rows of a served FP8 weight: takes the checkpoint's FP8 blocks as they are."""
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor):
+        self.weight, self.scale_inv = weight, scale_inv
+        self.shape = weight.shape
+
+    def __getitem__(self, rows: slice) -> "Fp8Rows":
+        return Fp8Rows(self.weight[rows], self.scale_inv[rows])
+
+    def load_fp8(self, weight: torch.Tensor, block_scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+        if block[1] != COLUMN_BLOCK:
+            raise ValueError(f"served FP8 needs {COLUMN_BLOCK}-column blocks, the checkpoint has {block[1]}")
+        self.weight.copy_(weight)
+        self.scale_inv.copy_(block_scale_inv.repeat_interleave(block[0], dim=0)[: weight.shape[0]])
+
+    def copy_(self, source: torch.Tensor) -> None:
+        """A higher-precision weight (an FP8 checkpoint keeps a few in bf16): quantize it here."""
+        rows, cols = source.shape
+        padded = torch.zeros(rows, self.scale_inv.shape[-1] * COLUMN_BLOCK, dtype=torch.float32, device=source.device)
+        padded[:, :cols] = source.float()
+        blocks = padded.view(rows, -1, COLUMN_BLOCK)
+        scale_inv = (blocks.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+        self.weight.copy_((blocks / scale_inv[..., None]).view(rows, -1)[:, :cols].to(torch.float8_e4m3fn))
+        self.scale_inv.copy_(scale_inv)
