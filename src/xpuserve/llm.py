@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
 from itertools import count
 from pathlib import Path
@@ -24,6 +25,9 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine argument(s) {sorted(unknown)}; known: {sorted(known - {'model'})}")
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args))
+        if not self.engine.parallel.is_driver:  # under torchrun, ranks > 0 run rank 0's steps and end with it
+            self.engine.run_worker()
+            sys.exit(0)
         self._ids = count()
 
     def generate(

@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from xpuserve.platforms.base import Platform
 
-BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 # A collective that waits longer than this is taken as a hung or dead peer. Ranks never wait
 # longer legitimately: an idle driver sends a heartbeat step every lockstep.HEARTBEAT_S.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
@@ -57,10 +56,6 @@ def parallel_state() -> ParallelState:
 def set_parallel_state(state: ParallelState) -> None:
     global _state
     _state = state
-
-
-def dist_backend(platform: Platform) -> str:
-    return getattr(platform, "dist_backend", None) or BACKENDS[platform.name]
 
 
 def collective_timeout_s() -> float:
@@ -104,7 +99,7 @@ def init_distributed(platform: Platform, tensor_parallel_size: int, expert_paral
         if platform.name != "cpu":
             torch.accelerator.set_device_index(local_rank)
         timeout = timedelta(seconds=collective_timeout_s())
-        dist.init_process_group(dist_backend(platform), store=dist.PrefixStore("xpuserve/pg", store), rank=rank,
+        dist.init_process_group(platform.dist_backend, store=dist.PrefixStore("xpuserve/pg", store), rank=rank,
                                 world_size=size, timeout=timeout)
         liveness.start(store, rank, size)
     set_parallel_state(ParallelState(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), expert_parallel))

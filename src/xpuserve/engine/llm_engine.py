@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from xpuserve.engine.runner import ModelRunner
 from xpuserve.engine.sampler import SamplingRequest
 from xpuserve.engine.scheduler import Scheduler
 from xpuserve.engine.sequence import Sequence
+from xpuserve.distributed import comm_device, init_distributed, liveness, min_over_ranks, rank_device
+from xpuserve.distributed.lockstep import StepChannel, follow
 from xpuserve.detokenizer import IncrementalDetokenizer, StopChecker
 from xpuserve.platforms import resolve_device
 from xpuserve.sampling_params import SamplingParams
@@ -42,8 +45,10 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        platform, device = resolve_device(config.device)
-        self.model = load_model(config.model, config.dtype, config.device, config.quantization)
+        platform, _ = resolve_device(config.device)
+        self.parallel = init_distributed(platform, config.tensor_parallel_size, config.enable_expert_parallel)
+        self.model = load_model(config.model, config.dtype, rank_device(platform, config.device), config.quantization)
+        device = self.model.model.embed_tokens.weight.device
         self.model_config = self.model.config
         self.tokenizer = Tokenizer.from_pretrained(config.model)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
@@ -52,10 +57,13 @@ class LLMEngine:
         num_blocks = self._num_blocks(platform.memory_info(device))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.channel = StepChannel(comm_device(device), self.parallel.is_driver) if self.parallel.distributed else None
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, channel=self.channel if self.parallel.is_driver else None)
         self.device = device
         self.eos_token_ids = sorted(set(self.model_config.eos_token_id) | {self.tokenizer.eos_token_id} - {None})
         self.requests: dict[str, Request] = {}
+        if self.channel is not None and self.parallel.is_driver:
+            atexit.register(self.shutdown)  # followers wait for STOP however rank 0 ends
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, self.num_cache_tokens)
 
     def _num_blocks(self, memory: tuple[int, int] | None) -> int:
@@ -70,9 +78,21 @@ class LLMEngine:
         # Never more than every sequence at full length needs.
         most = cfg.max_num_seqs * (-(-self.max_model_len // cfg.block_size) + 1)
         num_blocks = min(budget // (self.kv_bytes_per_token * cfg.block_size), most)
+        num_blocks = min_over_ranks(num_blocks, comm_device(self.model.model.embed_tokens.weight.device))
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {cfg.block_size} tokens")
         return num_blocks
+
+    def run_worker(self) -> None:
+        """On ranks other than 0: run the steps rank 0 sends until it shuts down."""
+        follow(self.channel, self.runner.execute)
+        liveness.stop()
+
+    def shutdown(self) -> None:
+        """On rank 0 when serving across ranks: tell the other ranks to stop. Idempotent."""
+        if self.channel is not None and self.parallel.is_driver:
+            liveness.stop()
+            self.channel.close()
 
     @property
     def num_cache_tokens(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from dataclasses import fields
 from pathlib import Path
@@ -33,6 +34,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch (default 256)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model across N ranks, one per chip; start them with torchrun --nproc-per-node N")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="partition the routed experts across the tensor-parallel ranks instead of splitting every expert")
 
 
 def engine_config(model: str, args: argparse.Namespace) -> EngineConfig:
@@ -55,6 +60,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def serve(model: str, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     engine = LLMEngine(engine_config(model, args))
+    if not engine.parallel.is_driver:
+        print(f"xpuserve: rank {engine.parallel.rank} (pid {os.getpid()}) follows rank 0", flush=True)
+        engine.run_worker()
+        return
     chat_template = Path(args.chat_template).read_text() if args.chat_template else None
     if chat_template is not None:
         render_chat_template(chat_template, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
@@ -69,8 +78,8 @@ def serve(model: str, args: argparse.Namespace) -> None:
     weights = engine.model.model.embed_tokens.weight
     print(
         f"xpuserve: serving {config.served_model_name} on {weights.device} ({str(weights.dtype).removeprefix('torch.')}), "
-        f"KV cache {engine.num_cache_tokens} tokens, reasoning {'on' if config.reasoning else 'off'}, "
-        f"http://{args.host}:{args.port}/v1",
+        f"{_ranks(engine)}KV cache {engine.num_cache_tokens} tokens, reasoning {'on' if config.reasoning else 'off'}, "
+        f"http://{args.host}:{args.port}/v1\nxpuserve: {engine.model.serving_format.describe()}",
         flush=True,
     )
     # uvicorn drains connections on SIGINT/SIGTERM, then raises the signal again for the handler
@@ -81,7 +90,15 @@ def serve(model: str, args: argparse.Namespace) -> None:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
     finally:
         async_engine.shutdown()
+        engine.shutdown()
         print("xpuserve: shut down", flush=True)
+
+
+def _ranks(engine: LLMEngine) -> str:
+    parallel = engine.parallel
+    if not parallel.distributed:
+        return ""
+    return f"{parallel.world_size} ranks (tensor parallel{', expert parallel' if parallel.expert_parallel else ''}), "
 
 
 def _exit_cleanly(signum, frame) -> None:
