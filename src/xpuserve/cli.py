@@ -31,7 +31,8 @@ def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], output_ids: lis
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model = load_model(args.model_dir, dtype=args.dtype, device=args.device)
+    model = load_model(args.model_dir, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    print(f"xpuserve: {model.serving_format.describe()}", file=sys.stderr, flush=True)
     tokenizer = Tokenizer.from_pretrained(args.model_dir)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
+    gen.add_argument("--quantization", "-q", choices=("int8",), default=None)
     gen.set_defaults(func=cmd_generate)
 
     from xpuserve.server.launch import add_engine_args, add_serve_args

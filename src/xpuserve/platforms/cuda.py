@@ -7,6 +7,17 @@ from xpuserve.platforms.base import Platform
 INT_MM_MIN_ROWS = 32
 
 
+def matmul_kinds(capability: tuple[int, int]) -> frozenset[str]:
+    """Tensor-core input types by compute capability: INT8 since Turing (sm_75), bf16 since
+    Ampere (sm_80), FP8 since Ada/Hopper (sm_89, sm_90: H100, H800, H200, H20)."""
+    kinds = {"fp16", "int8"}
+    if capability >= (8, 0):
+        kinds.add("bf16")
+    if capability >= (8, 9):
+        kinds.add("fp8")
+    return frozenset(kinds)
+
+
 class CudaPlatform(Platform):
     name = "cuda"
     dist_backend = "nccl"
@@ -42,13 +53,7 @@ class CudaPlatform(Platform):
         return (torch.float32, torch.float16, *bf16)
 
     def matmul_kinds(self) -> frozenset[str]:
-        capability = torch.cuda.get_device_capability()
-        kinds = {"fp16", "int8"}  # tensor-core INT8 since Turing (sm_75)
-        if capability >= (8, 0):
-            kinds.add("bf16")
-        if capability >= (8, 9):  # Ada and Hopper (H100, H800, H200, H20)
-            kinds.add("fp8")
-        return frozenset(kinds)
+        return matmul_kinds(torch.cuda.get_device_capability())
 
     def int8_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         rows = a.shape[0]

@@ -128,8 +128,8 @@ def _is_mtp(name: str, num_layers: int) -> bool:
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto",
                quantization: str | None = None) -> CausalLM:
     """Parse config.json, choose the serving format, build the model on the device and fill it."""
-    config = ModelConfig.from_pretrained(model_dir)
     platform, torch_device = resolve_device(device)
+    config = ModelConfig.from_pretrained(model_dir)
     fmt = choose_format(platform, config, dtype, quantization)
     log.info("serving format: %s", fmt.describe())
     model = build_model(config, fmt.dtype, torch_device, fmt.weights)
