@@ -20,35 +20,9 @@ import torch
 
 from xpuserve import LLM, SamplingParams
 
-CONFIG = dict(
-    vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, first_k_dense_replace=1,
-    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=16, moe_intermediate_size=512,
-    num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, q_lora_rank=384, kv_lora_rank=256,
-    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
-)
+from xpuserve.planner.bench_model import CONFIG, build_checkpoint
+
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-
-
-def build_checkpoint(path: Path):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG)).to(torch.bfloat16).eval()
-    with torch.no_grad():  # a router that prefers some experts, as trained ones do
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
-    model.save_pretrained(path)
-    write_tokenizer(path, CONFIG["vocab_size"])
-    return model
-
-
-def write_tokenizer(path: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models
-
-    vocab = {f"<{i}>": i for i in range(vocab_size)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.save(str(path / "tokenizer.json"))
 
 
 def active_bytes_per_token(model) -> int:

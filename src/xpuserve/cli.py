@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
     add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    from xpuserve.planner.cli import add_planner_commands
+
+    add_planner_commands(sub)  # plan, calibrate
     return parser
 
 
