@@ -12,7 +12,7 @@ from xpuserve.tokenizer import ChatTemplateError, Tokenizer
 from xpuserve.weights import CheckpointError, load_model
 
 # Errors that mean "this model folder cannot be used": reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, FileNotFoundError, FileExistsError, ValueError)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -68,6 +68,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(engine, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from xpuserve.weights.convert import convert_checkpoint, parse_size
+
+    stats = convert_checkpoint(args.src, args.dst, args.to, parse_size(args.max_shard_size))
+    print(f"wrote {stats.tensors} tensors ({stats.int8_tensors} as int8), {stats.nbytes / 1e9:.2f} GB "
+          f"in {len(stats.shards)} shard(s) to {args.dst}")
+    if stats.mtp_skipped:
+        print(f"left out {stats.mtp_skipped} tensors of multi-token-prediction layers (xpuserve does not run MTP)")
+    if stats.copied:
+        print(f"copied {', '.join(stats.copied)}")
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    import json
+
+    from xpuserve.env import collect, format_text
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     from xpuserve.planner.cli import add_planner_commands
 
     add_planner_commands(sub)  # plan, calibrate
+
+    from xpuserve.weights.convert import DEFAULT_MAX_SHARD_SIZE, TARGETS
+
+    conv = sub.add_parser("convert", help="rewrite a checkpoint once, offline, as bf16 or int8")
+    conv.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (bf16, float32 or DeepSeek's FP8)")
+    conv.add_argument("dst", metavar="DST", help="new or empty folder for the converted checkpoint")
+    conv.add_argument("--to", required=True, choices=TARGETS, help="bf16, or int8 weights with per-row scales")
+    conv.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help=f"largest shard file (default {DEFAULT_MAX_SHARD_SIZE})")
+    conv.set_defaults(func=cmd_convert)
+
+    env = sub.add_parser("env", help="print versions, devices and the formats auto would choose (for bug reports)")
+    env.add_argument("--json", action="store_true", help="machine-readable output")
+    env.set_defaults(func=cmd_env)
     return parser
 
 
