@@ -3,6 +3,7 @@ the CLI's table / JSON / chart, and the calibration against the engine's own dec
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -197,6 +198,10 @@ def test_calibrated_cpu_predicts_the_engine_decode(tmp_path):
     this CPU, from measured rates, within 30% of what the engine itself does at batch 1 and 16."""
     pytest.importorskip("transformers")
     from xpuserve.planner.calibrate import calibrate
+
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 2 * cores:  # other processes' threads would decide the timings, not this machine
+        pytest.skip(f"load average {load:.1f} on {cores} cores: too busy to time the engine")
 
     start = time.perf_counter()
     result = calibrate(workdir=str(tmp_path))

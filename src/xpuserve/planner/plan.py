@@ -88,8 +88,10 @@ def _layers(cfg: ModelConfig) -> tuple[int, int]:
 def _comm(cfg: ModelConfig, chip: Chip, layout: Layout, opts: Options, tokens: float, eff: Efficiency) -> float:
     layers, moe_layers = _layers(cfg)
     dispatch = "fp8" if opts.dtype == "fp8" else "bf16"
+    # V3 chooses experts within topk_group groups; DeepSeek places groups so a token reaches at most that many nodes.
+    node_limit = cfg.topk_group if cfg.n_group > 1 else None
     return comm_time(cfg.hidden_size, tokens, layers, moe_layers, cfg.num_experts_per_tok, layout.tp, layout.ep,
-                     chip, eff, dispatch)
+                     chip, eff, dispatch, node_limit)
 
 
 def max_batch(cfg: ModelConfig, chip: Chip, layout: Layout, opts: Options, context: float, limit: int) -> int:

@@ -58,7 +58,7 @@ def attention_time(step: Step, chip: Chip, eff: Efficiency) -> float:
 
 def comm_time(
     hidden: int, tokens: float, layers: int, moe_layers: int, top_k: int, tp: int, ep: int,
-    chip: Chip, eff: Efficiency, dispatch_dtype: str = "bf16",
+    chip: Chip, eff: Efficiency, dispatch_dtype: str = "bf16", node_limit: int | None = None,
 ) -> float:
     """Tensor-parallel all-reduces (two per layer) and expert-parallel dispatch + combine (per MoE layer)."""
     def bandwidth(group: int) -> float:
@@ -71,7 +71,10 @@ def comm_time(
         volume = tokens * hidden * BYTES["bf16"] * 2 * (tp - 1) / tp
         t += 2 * layers * (volume / bandwidth(tp) + latency)
     if ep > 1:  # each token goes to top_k experts, (ep-1)/ep of them on other chips, and comes back in bf16
-        remote = tokens * top_k * hidden * (ep - 1) / ep
+        copies = top_k
+        if ep > chip.scaleup_chips and node_limit:  # node-limited routing: one copy per node, forwarded inside it
+            copies = min(top_k, node_limit)
+        remote = tokens * copies * hidden * (ep - 1) / ep
         volume = remote * (BYTES[dispatch_dtype] + BYTES["bf16"])
         t += moe_layers * (volume / bandwidth(ep) + 2 * latency)
     return t
