@@ -110,6 +110,15 @@ def test_accuracy_holds_under_preemption_and_chunked_prefill(problems):
     assert llm.engine.block_manager.hit_tokens > 0
 
 
+def test_int8_accuracy_within_two_points_of_bf16(problems):
+    bf16 = accuracy(LLM(MODEL_DIR, device="cpu", dtype="bfloat16"), problems)
+    llm = LLM(MODEL_DIR, device="cpu", dtype="bfloat16", quantization="int8")
+    assert llm.engine.model.serving_format.weights.kind == "int8"
+    int8 = accuracy(llm, problems)
+    print(f"demo model accuracy on {len(problems)} held-out: bf16 {bf16:.3f}, int8 {int8:.3f}")
+    assert bf16 >= 0.9 and abs(int8 - bf16) <= 0.02
+
+
 def test_transformers_agrees(problems):
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)

@@ -50,3 +50,19 @@ def test_bfloat16_argmax_agrees_on_trained_weights(reference):
         total += len(ids)
     assert total > 450
     assert agree / total >= 0.99, f"bf16 argmax agreement {agree}/{total}"
+
+
+@torch.no_grad()
+def test_int8_argmax_agrees_with_bf16_on_trained_weights():
+    """INT8 weights keep a trained model's greedy choices: >= 97% of 512+ positions equal bf16's."""
+    tokenizer = Tokenizer.from_pretrained(STORIES)
+    float_model = load_model(STORIES, dtype="float32", device="cpu")
+    stories = generate(float_model, [tokenizer.encode(p) for p in PROMPTS], max_new_tokens=180)
+    texts = [tokenizer.encode(p) + s for p, s in zip(PROMPTS, stories)]
+    bf16 = prompt_logits(load_model(STORIES, dtype="bfloat16", device="cpu"), texts)
+    int8 = prompt_logits(load_model(STORIES, dtype="bfloat16", device="cpu", quantization="int8"), texts)
+    agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(bf16, int8))
+    total = sum(len(ids) for ids in texts)
+    print(f"stories260K INT8 vs bf16 top-1: {agree}/{total}")
+    assert total >= 512
+    assert agree / total >= 0.97, f"INT8 argmax agreement {agree}/{total}"

@@ -55,10 +55,11 @@ class CpuPlatform(Platform):
         return F.linear(x, weight, bias)
 
     def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # PyTorch's packed weight-only INT8 kernel: fast for bf16 inputs, slow for float32 ones.
-        if x.dtype != torch.bfloat16:
+        # PyTorch's weight-only INT8 kernel: fast for bf16 inputs, slow for float32 ones; it
+        # crashes (segfault, torch 2.13) when the input width is not a multiple of 8.
+        if x.dtype != torch.bfloat16 or x.shape[-1] % 8:
             return super().int8_linear(x, weight, scale, bias)
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scale.to(x.dtype))
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale.to(x.dtype))
         y = y.view(*x.shape[:-1], -1)
         return y if bias is None else y + bias
 
