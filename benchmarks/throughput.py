@@ -121,6 +121,11 @@ def write_report(args, rows, params, active, bandwidth) -> None:
         *[f"| {c} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |" for c, ours, theirs in rows],
         "",
     ]
+    write_section(lines)
+
+
+def write_section(lines: list[str]) -> None:
+    """Replaces the docs/benchmarks.md section headed lines[0] (or appends it)."""
     REPORT.parent.mkdir(exist_ok=True)
     text = REPORT.read_text() if REPORT.exists() else "# Benchmarks\n\n"
     start = text.find(lines[0])

@@ -1,0 +1,96 @@
+"""INT8 weights against bf16 on the ~200M DeepSeek-V3-shaped benchmark model: weight bytes,
+decode throughput (transformers' bf16 `generate` as the peer, in the same run) and top-1 agreement.
+
+    python benchmarks/int8.py            # writes its section of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from throughput import cpu_name, time_hf, time_xpuserve, write_section
+from xpuserve import LLM
+from xpuserve.generate import prompt_logits
+from xpuserve.planner.bench_model import CONFIG, build_checkpoint
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(all parameters, the parameters of quantizable layers: every linear but kv_b_proj and lm_head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    skip = ("embed_tokens", "lm_head", "kv_b_proj", "norm", "mlp.gate.")
+    linear = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not any(s in n for s in skip))
+    return total, linear
+
+
+def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return (torch.cat(a).argmax(-1) == torch.cat(b).argmax(-1)).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--no-report", action="store_true")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_checkpoint(Path(tmp))
+        llms = {name: LLM(tmp, device="cpu", dtype="bfloat16", quantization=q) for name, q in (("bf16", None), ("int8", "int8"))}
+        models = {name: llm.engine.model for name, llm in llms.items()}
+        sizes = {name: weight_bytes(m) for name, m in models.items()}
+        for name, (total, linear) in sizes.items():
+            print(f"{name}: weights {total / 1e6:.0f} MB, of which quantizable linears {linear / 1e6:.0f} MB")
+
+        prompts = [torch.randint(0, CONFIG["vocab_size"], (128,), generator=gen).tolist() for _ in range(4)]
+        logits = {name: prompt_logits(m, prompts) for name, m in models.items()}
+        logits["float32"] = prompt_logits(LLM(tmp, device="cpu", dtype="float32").engine.model, prompts)
+        quality = {
+            "int8 vs bf16": agreement(logits["int8"], logits["bf16"]),
+            "bf16 vs float32": agreement(logits["bf16"], logits["float32"]),
+            "int8 vs float32": agreement(logits["int8"], logits["float32"]),
+        }
+        for label, value in quality.items():
+            print(f"top-1 agreement {label}: {value:.1%} of {sum(len(p) for p in prompts)} positions")
+
+        for llm in llms.values():
+            time_xpuserve(llm, [[1] * 16], 4)
+        time_hf(hf, torch.ones(1, 16, dtype=torch.long), 4)
+        rows = []
+        for c in args.concurrency:
+            batch = torch.randint(0, CONFIG["vocab_size"], (c, 128), generator=gen)
+            speed = {name: c * args.output_len / time_xpuserve(llm, batch.tolist(), args.output_len) for name, llm in llms.items()}
+            speed["hf"] = c * args.output_len / time_hf(hf, batch, args.output_len)
+            rows.append((c, speed))
+            print(f"concurrency {c:3d}: xpuserve bf16 {speed['bf16']:.1f}, int8 {speed['int8']:.1f}, transformers bf16 {speed['hf']:.1f} tok/s")
+    if not args.no_report:
+        write_report(args, sizes, quality, rows)
+
+
+def write_report(args, sizes, quality, rows) -> None:
+    (bf_total, bf_linear), (q_total, q_linear) = sizes["bf16"], sizes["int8"]
+    write_section([
+        "## INT8 weights vs bf16 (CPU)",
+        "",
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Command: `python benchmarks/int8.py --concurrency {' '.join(map(str, args.concurrency))}`"
+        f" (prompt 128 tokens, {args.output_len} greedy output tokens; the ~200M model of the throughput section).",
+        "",
+        "| | bf16 | INT8 | ratio |",
+        "|---|---:|---:|---:|",
+        f"| all weights (MB) | {bf_total / 1e6:.0f} | {q_total / 1e6:.0f} | {q_total / bf_total:.2f} |",
+        f"| quantizable linears (MB) | {bf_linear / 1e6:.0f} | {q_linear / 1e6:.0f} | {q_linear / bf_linear:.2f} |",
+        *[f"| decode tok/s, {c} request(s) | {s['bf16']:.1f} | {s['int8']:.1f} | {s['int8'] / s['bf16']:.2f}x "
+          f"(transformers bf16: {s['hf']:.1f}; INT8 vs it {s['int8'] / s['hf']:.2f}x) |" for c, s in rows],
+        "",
+        "Top-1 agreement over 512 teacher-forced positions: "
+        + ", ".join(f"{label} {value:.1%}" for label, value in quality.items()) + ".",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
