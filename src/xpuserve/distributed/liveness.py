@@ -80,6 +80,12 @@ def start(store, rank: int, world_size: int) -> None:
     _watcher.start()
 
 
+def resume() -> None:
+    """Watch again after a clean stop, when the same processes build another engine."""
+    if _watcher is not None and _watcher._stop.is_set():
+        start(_watcher.store, _watcher.rank, _watcher.world_size)
+
+
 def stop() -> None:
     if _watcher is not None:
         _watcher.stop()

@@ -91,9 +91,10 @@ def init_distributed(platform: Platform, tensor_parallel_size: int, expert_paral
     if world == 1:
         set_parallel_state(ParallelState(expert_parallel=expert_parallel))
         return _state
-    if not dist.is_initialized():
-        from xpuserve.distributed import liveness
+    from xpuserve.distributed import liveness
 
+    liveness.resume()
+    if not dist.is_initialized():
         store, rank, size = next(dist.rendezvous("env://"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if platform.name != "cpu":

@@ -18,6 +18,7 @@ from xpuserve.engine.sampler import SamplingRequest
 from xpuserve.engine.scheduler import Scheduler
 from xpuserve.engine.sequence import Sequence
 from xpuserve.distributed import comm_device, init_distributed, liveness, min_over_ranks, rank_device
+from xpuserve.distributed.expert_load import ExpertLoad, expert_load
 from xpuserve.distributed.lockstep import StepChannel, follow
 from xpuserve.detokenizer import IncrementalDetokenizer, StopChecker
 from xpuserve.platforms import resolve_device
@@ -93,6 +94,10 @@ class LLMEngine:
         if self.channel is not None and self.parallel.is_driver:
             liveness.stop()
             self.channel.close()
+
+    def expert_load(self) -> ExpertLoad | None:
+        """Tokens routed to each expert and each rank so far (None for dense models)."""
+        return expert_load(self.model, self.parallel.world_size)
 
     @property
     def num_cache_tokens(self) -> int:

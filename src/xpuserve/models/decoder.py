@@ -7,10 +7,9 @@ from torch import nn
 
 from xpuserve.config import ModelConfig
 from xpuserve.models.context import ForwardContext
-from xpuserve.models.linear import Linear
+from xpuserve.models.parallel import VocabParallelEmbedding, VocabParallelHead
 from xpuserve.models.norm import RMSNorm
 from xpuserve.models.rotary import RotaryEmbedding
-from xpuserve.platforms import current_platform
 
 
 class DecoderLayer(nn.Module):
@@ -28,7 +27,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, layers: list[DecoderLayer]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -41,7 +40,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Backbone(config, layers)
         # The lm_head stays in the model dtype, as in DeepSeek's FP8 release: small, and sensitive.
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, quantize=False)
+        self.lm_head = None if config.tie_word_embeddings else VocabParallelHead(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(rope_dim, config.rope)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -53,8 +52,8 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return current_platform().linear(hidden, weight)
+        """Logits over the whole vocabulary, on every rank."""
+        return (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
 
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.layers]

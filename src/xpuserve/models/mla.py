@@ -18,6 +18,7 @@ from xpuserve.config import ModelConfig
 from xpuserve.models.attention import attend
 from xpuserve.models.context import ForwardContext
 from xpuserve.models.linear import Linear
+from xpuserve.models.parallel import ColumnParallelLinear, RowParallelLinear, divide
 from xpuserve.models.norm import RMSNorm
 from xpuserve.models.rotary import apply_rotary, softmax_scale
 from xpuserve.platforms import current_platform
@@ -29,22 +30,23 @@ class MLAttention(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.num_heads = config.num_attention_heads
+        self.num_heads = divide(config.num_attention_heads, "num_attention_heads")  # this rank's heads
         self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.interleaved = config.rope_interleave
-        hidden, heads, qk_dim = config.hidden_size, self.num_heads, config.qk_head_dim
+        # Heads are split across ranks: q/kv up-projections by rows, o_proj by columns; the latent is whole on each.
+        hidden, heads, qk_dim = config.hidden_size, config.num_attention_heads, config.qk_head_dim
         if self.q_lora_rank is None:
-            self.q_proj = Linear(hidden, heads * qk_dim)
+            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim)
         else:
             self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = Linear(self.q_lora_rank, heads * qk_dim)
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         # Kept in the model dtype: the absorbed decode multiplies its halves directly.
-        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), quantize=False)
-        self.o_proj = Linear(heads * self.v_dim, hidden, bias=config.attention_bias)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), quantize=False)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias=config.attention_bias)
         self.scale = softmax_scale(qk_dim, config.rope)
         self.latent_cache: torch.Tensor | None = None  # [slots, kv_lora_rank + rope_dim], bound by the runner
 

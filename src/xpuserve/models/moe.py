@@ -8,7 +8,10 @@ from torch import nn
 
 from xpuserve.config import ModelConfig
 from xpuserve.models.linear import current_weight_format, matmul, quantized_weight, weight_rows
+from xpuserve.distributed import all_reduce, parallel_state
+from xpuserve.distributed.shard import OTHER_RANK, shard
 from xpuserve.models.mlp import MLP
+from xpuserve.models.parallel import rank_range
 
 
 class Router(nn.Module):
@@ -68,24 +71,43 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts of a layer, stacked: w13 = [gate; up] per expert, w2 = down."""
+    """The routed experts of a layer this rank holds, stacked: w13 = [gate; up] per expert, w2 = down.
+
+    Across ranks, either each rank holds whole experts, a contiguous 1/N of them (expert
+    parallel), or every expert with 1/N of its intermediate features (tensor parallel). Either
+    way every rank holds all tokens (attention all-reduced them), so dispatch costs nothing: each
+    rank runs its share on the tokens routed to it, and the caller's one all-reduce combines.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.intermediate_size = intermediate_size
+        state = parallel_state()
+        self.expert_parallel = state.expert_parallel and state.distributed
+        self.expert_range = rank_range(num_experts, "n_routed_experts") if self.expert_parallel else (0, num_experts)
+        self.feature_range = (0, intermediate_size) if self.expert_parallel else rank_range(intermediate_size, "moe_intermediate_size")
+        (first, stop), (lo, hi) = self.expert_range, self.feature_range
+        local_experts, inter = stop - first, hi - lo
+        self.intermediate_size = inter
         fmt = current_weight_format()
         self.int8_activations = fmt.int8_activations
         self.model_dtype = torch.get_default_dtype()
-        self.w13, self.w13_scale = quantized_weight((num_experts, 2 * intermediate_size, hidden_size), fmt.kind)
-        self.w2, self.w2_scale = quantized_weight((num_experts, hidden_size, intermediate_size), fmt.kind)
+        self.w13, self.w13_scale = quantized_weight((local_experts, 2 * inter, hidden_size), fmt.kind)
+        self.w2, self.w2_scale = quantized_weight((local_experts, hidden_size, inter), fmt.kind)
+        # Tokens routed to each expert of the layer (all experts: the router runs on every rank), for the planner.
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
     def checkpoint_views(self, name: str) -> dict[str, object]:
         views, inter, dtype = {}, self.intermediate_size, self.model_dtype
-        for e in range(self.w13.shape[0]):
-            w13 = weight_rows(self.w13, self.w13_scale, e, dtype)
-            views[f"{name}.{e}.gate_proj.weight"] = w13[:inter]
-            views[f"{name}.{e}.up_proj.weight"] = w13[inter:]
-            views[f"{name}.{e}.down_proj.weight"] = weight_rows(self.w2, self.w2_scale, e, dtype)
+        first, stop = self.expert_range
+        for e in range(self.tokens_per_expert.shape[0]):
+            keys = [f"{name}.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")]
+            if not first <= e < stop:
+                views.update(dict.fromkeys(keys, OTHER_RANK))
+                continue
+            w13 = weight_rows(self.w13, self.w13_scale, e - first, dtype)
+            views[keys[0]] = shard(w13[:inter], 0, *self.feature_range)
+            views[keys[1]] = shard(w13[inter:], 0, *self.feature_range)
+            views[keys[2]] = shard(weight_rows(self.w2, self.w2_scale, e - first, dtype), 1, *self.feature_range)
         return views
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, expert: int) -> torch.Tensor:
@@ -97,10 +119,12 @@ class Experts(nn.Module):
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)
         token_of = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.tokens_per_expert.shape[0])
+        self.tokens_per_expert += counts
         out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
+        first, stop = self.expert_range
+        start = int(counts[:first].sum()) if first else 0
+        for expert, count in enumerate(counts[first:stop].tolist()):
             if count == 0:
                 continue
             tokens = token_of[start : start + count]
@@ -118,7 +142,7 @@ class MoE(nn.Module):
         self.gate = Router(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, reduce=False)
             if config.n_shared_experts
             else None
         )
@@ -128,4 +152,4 @@ class MoE(nn.Module):
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return all_reduce(out)  # combine: every rank's experts and its part of the shared experts

@@ -10,6 +10,11 @@ import torch
 from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class CheckpointError(ValueError):
@@ -64,6 +69,19 @@ class Checkpoint:
             return handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor '{name}' from {self.dir / file}: {e}") from None
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Part of a tensor; only its bytes are read from the file."""
+        try:
+            return self._open(self.file_of[name]).get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"cannot read part {index} of tensor '{name}' from {self.dir / self.file_of[name]}: {e}") from None
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._open(self.file_of[name]).get_slice(name).get_dtype()]
 
     def nbytes(self) -> int:
         return sum((self.dir / f).stat().st_size for f in set(self.file_of.values()))

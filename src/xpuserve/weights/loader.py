@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from xpuserve.config import ModelConfig
+from xpuserve.distributed.shard import OTHER_RANK, Shard, load_shard
 from xpuserve.models import build_model
 from xpuserve.models.decoder import CausalLM
 from xpuserve.platforms import resolve_device
@@ -72,6 +73,9 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
                     f"unexpected tensor '{name}' in {ckpt.dir / ckpt.file_of[name]}: "
                     "no parameter of this architecture has that name (is config.json from the same model?)"
                 )
+            if target is OTHER_RANK:  # another rank's expert
+                stats["other_ranks"] = stats.get("other_ranks", 0) + 1
+                continue
             _load_one(ckpt, name, target, block)
             stats["loaded"] += 1
     if views:
@@ -85,6 +89,14 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
 def _load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None) -> None:
     """Copy one checkpoint tensor into its target: a tensor view, or an Int8Rows / Fp8Rows."""
     where = ckpt.dir / ckpt.file_of[name]
+    if isinstance(target, Shard):  # this rank's part only
+        try:
+            load_shard(ckpt, name, target, block, lambda n, suffix: _companion(ckpt, n, suffix))
+        except CheckpointError:
+            raise
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"tensor '{name}' in {where}: {e}") from None
+        return
     tensor = ckpt.get(name)
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointError(

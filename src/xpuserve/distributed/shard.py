@@ -1,0 +1,72 @@
+"""Load targets that take only part of a checkpoint tensor, so each rank reads only its shard.
+
+A `Shard` wraps the usual target (a tensor view, Int8Rows or Fp8Rows) with the range of the
+checkpoint tensor it takes along one dimension; `OTHER_RANK` marks a checkpoint tensor another
+rank holds (a routed expert under expert parallelism). Only the shard's bytes are read from the
+memory-mapped file (safetensors' get_slice). With FP8 blocks the block-aligned rows and columns
+around the shard are read and dequantized, then cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xpuserve.distributed.state import parallel_state
+from xpuserve.quantization import fp8, int8
+
+OTHER_RANK = object()
+
+
+@dataclass
+class Shard:
+    target: object  # what the rank holds: a tensor view, Int8Rows or Fp8Rows
+    dim: int  # 0: rows (output features, vocabulary, heads); 1: columns (input features)
+    start: int
+    stop: int
+
+
+def shard(target, dim: int, start: int, stop: int):
+    """`target` takes [start, stop) of the checkpoint tensor along `dim`; on one rank, all of it."""
+    return target if not parallel_state().distributed else Shard(target, dim, start, stop)
+
+
+def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(None),) * dim + (slice(start, stop),)
+
+
+def load_shard(ckpt, name: str, shard: Shard, block: tuple[int, int] | None, companion) -> None:
+    """Read the shard of checkpoint tensor `name` (and of its scales) into `shard.target`.
+
+    `companion(name, suffix)` reads a scale tensor that lies beside a quantized weight."""
+    target, dim, start, stop = shard.target, shard.dim, shard.start, shard.stop
+    dtype = ckpt.dtype(name)
+    if dtype == torch.float8_e4m3fn:
+        if block is None:
+            raise ValueError("an fp8 tensor, but config.json has no quantization_config")
+        target.copy_(_fp8_shard(ckpt, name, dim, start, stop, block, companion(name, fp8.SCALE_SUFFIX)))
+        return
+    tensor = ckpt.get_slice(name, _index(dim, start, stop))
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ValueError(f"shard {tuple(tensor.shape)} of the checkpoint tensor does not fit {tuple(target.shape)}")
+    device = target.weight.device if hasattr(target, "weight") else target.device
+    if dtype == torch.int8:
+        scale = companion(name, "_scale").to(device)  # one per row: rows split with the weight, columns keep it
+        scale = scale[start:stop] if dim == 0 else scale
+        if isinstance(target, int8.Int8Rows):
+            target.load_int8(tensor.to(device), scale)
+        else:
+            target.copy_(int8.dequantize(tensor.to(device), scale))
+    else:
+        target.copy_(tensor)
+
+
+def _fp8_shard(ckpt, name, dim, start, stop, block, scale_inv) -> torch.Tensor:
+    """Dequantize the whole blocks around [start, stop) along `dim`, then cut the shard out."""
+    size = block[dim]
+    lo, hi = start // size * size, min(-(-stop // size) * size, ckpt.shape(name)[dim])
+    weight = ckpt.get_slice(name, _index(dim, lo, hi))
+    scales = scale_inv[_index(dim, lo // size, -(-hi // size))]
+    full = fp8.dequantize(weight, scales, block)
+    return full[_index(dim, start - lo, stop - lo)]
