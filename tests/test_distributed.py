@@ -24,6 +24,7 @@ import pytest
 
 from oracle import make_checkpoint, write_char_tokenizer
 from server_fixture import free_port
+from test_fp8 import ODD_SHAPES, write_fp8_checkpoint
 from xpuserve import LLM, SamplingParams
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -32,10 +33,9 @@ NUM_REQUESTS = 12
 ENGINE_ARGS = dict(max_num_batched_tokens=48, block_size=4)  # steps mix chunked prefills and decodes
 # Weights each rank holds half of; the rest (norms, routers, MLA's down-projections q_a/kv_a) every rank holds whole.
 SHARDED = re.compile(r"embed_tokens|lm_head|q_proj|q_b_proj|kv_b_proj|o_proj|qkv_proj|gate_up_proj|down_proj|experts\.w")
-CASES = {
-    "v3_grouped": {"tp2": dict(tensor_parallel_size=2), "tp2_ep": dict(tensor_parallel_size=2, enable_expert_parallel=True)},
-    "qwen2": {"tp2": dict(tensor_parallel_size=2)},
-}
+TP, TP_EP = dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, enable_expert_parallel=True)
+# v3_fp8: R1's block-FP8 format with odd shapes, so shards start and end inside 128 x 128 blocks.
+CASES = {"v3_grouped": {"tp2": TP, "tp2_ep": TP_EP}, "qwen2": {"tp2": TP}, "v3_fp8": {"tp2": TP, "tp2_ep": TP_EP}}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,11 @@ def checkpoints(tmp_path_factory):
     made = {}
     for arch in CASES:
         path = tmp_path_factory.mktemp(arch)
-        reference = make_checkpoint(arch, path, seed=3)
+        if arch == "v3_fp8":
+            reference = make_checkpoint("v3_grouped", path, seed=3, **ODD_SHAPES)
+            write_fp8_checkpoint(path)
+        else:
+            reference = make_checkpoint(arch, path, seed=3)
         write_char_tokenizer(path, reference.config.vocab_size)
         made[arch] = path
     return made
@@ -82,15 +86,13 @@ def test_parallel_outputs_equal_one_rank_and_weights_are_split(arch, checkpoints
             sharded = sum(n for name, n in full.items() if SHARDED.search(name))
             assert sharded > 0.8 * sum(full.values())  # the split parts are most of the model
             assert sum(held.values()) < 0.6 * sum(full.values())
+    if "tp2_ep" in reports:
+        assert_experts_partitioned_and_counted(llm.engine.model_config, reports)
 
 
-def test_expert_parallel_partitions_experts_and_counts_their_load(checkpoints, tmp_path):
-    path = checkpoints["v3_grouped"]
-    config = LLM(path, dtype="float32", device="cpu").engine.model_config
-    prompts, max_tokens = requests(config.vocab_size)
-    reports = run_ranks(path, CASES["v3_grouped"], prompts[:4], max_tokens[:4], tmp_path)
+def assert_experts_partitioned_and_counted(config, reports) -> None:
     experts, inter = config.n_routed_experts, config.moe_intermediate_size
-    w13 = "model.layers.1.mlp.experts.w13"
+    w13 = f"model.layers.{config.first_k_dense_replace}.mlp.experts.w13"
     assert [r["parameters"][w13][1] for r in reports["tp2_ep"]] == [[experts // 2, 2 * inter, config.hidden_size]] * 2
     assert [r["parameters"][w13][1] for r in reports["tp2"]] == [[experts, inter, config.hidden_size]] * 2
     ep = reports["tp2_ep"]

@@ -21,7 +21,7 @@ class GQAttention(nn.Module):
         self.num_heads, self.num_kv_heads = heads[1] - heads[0], kv_heads[1] - kv_heads[0]
         q_rows, kv_rows = (heads[0] * dim, heads[1] * dim), (kv_heads[0] * dim, kv_heads[1] * dim)
         self.qkv_proj = PackedColumnParallelLinear(
-            config.hidden_size, {}, bias=config.qkv_bias, ranges={"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}
+            config.hidden_size, bias=config.qkv_bias, ranges={"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}
         )
         o_bias = config.attention_bias and config.architecture == "LlamaForCausalLM"
         self.o_proj = RowParallelLinear(config.num_attention_heads * dim, config.hidden_size, bias=o_bias)

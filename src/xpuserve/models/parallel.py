@@ -44,10 +44,10 @@ class ColumnParallelLinear(Linear):
 
 
 class PackedColumnParallelLinear(PackedLinear):
-    """Packed projections (gate/up, q/k/v), each split by its own rows: `ranges` gives every part's
-    [start, stop) in its checkpoint tensor on this rank (default: an even split)."""
+    """Packed projections (gate/up, q/k/v), each split by its own rows: `parts` gives their full
+    sizes (split evenly), or `ranges` every part's [start, stop) in its checkpoint tensor on this rank."""
 
-    def __init__(self, in_features: int, parts: dict[str, int], bias: bool = False,
+    def __init__(self, in_features: int, parts: dict[str, int] | None = None, bias: bool = False,
                  ranges: dict[str, tuple[int, int]] | None = None):
         self.ranges = ranges or {part: rank_range(size, part) for part, size in parts.items()}
         super().__init__(in_features, {part: stop - start for part, (start, stop) in self.ranges.items()}, bias)
