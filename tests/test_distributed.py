@@ -148,13 +148,21 @@ def test_http_server_under_torchrun_answers_then_a_killed_rank_stops_it(checkpoi
     assert re.search(r"rank\s*:?\s*1\b", err), err[-3000:]
 
 
-def test_a_hung_rank_stops_the_server_with_its_rank_named(checkpoints, tmp_path):
-    """A frozen rank keeps its sockets open, so only the heartbeat watchdog can tell."""
-    proc, url, follower = start_torchrun_server(checkpoints["qwen2"], tmp_path, env={"XPUSERVE_DEAD_AFTER": "3"})
+@pytest.mark.parametrize("detector", ["heartbeat", "collective_timeout"])
+def test_a_hung_rank_stops_the_server_with_its_rank_named(detector, checkpoints, tmp_path):
+    """A frozen rank keeps its sockets open: the heartbeat watchdog tells when idle, the collective
+    timeout when a request's forward pass waits for it."""
+    env, message = {"XPUSERVE_DEAD_AFTER": "3"}, "xpuserve: rank 1 stopped responding"
+    if detector == "collective_timeout":
+        env, message = {"XPUSERVE_DEAD_AFTER": "600", "XPUSERVE_COLLECTIVE_TIMEOUT": "6"}, "xpuserve: rank 1 stopped: a collective on rank 0 failed"
+    proc, url, follower = start_torchrun_server(checkpoints["qwen2"], tmp_path, env=env)
     try:
         os.kill(follower, signal.SIGSTOP)
+        if detector == "collective_timeout":
+            with pytest.raises(httpx.HTTPError):  # the server dies under the request
+                httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "ab", "max_tokens": 4}, timeout=60)
         started = time.monotonic()
-        while "stopped responding" not in (tmp_path / "err.txt").read_text() and time.monotonic() - started < 30:
+        while message not in (tmp_path / "err.txt").read_text() and time.monotonic() - started < 30:
             time.sleep(0.2)
         os.kill(follower, signal.SIGCONT)  # let it take torchrun's SIGTERM
         code = proc.wait(timeout=60)
@@ -162,7 +170,7 @@ def test_a_hung_rank_stops_the_server_with_its_rank_named(checkpoints, tmp_path)
         stop_group(proc)
     err = (tmp_path / "err.txt").read_text()
     assert code != 0
-    assert "xpuserve: rank 1 stopped responding" in err, err[-3000:]
+    assert message in err, err[-3000:]
 
 
 def test_tensor_parallel_without_torchrun_says_how_to_launch(checkpoints):
