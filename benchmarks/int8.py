@@ -34,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf-concurrency", type=int, nargs="*", default=[1],
+                        help="rows that also time transformers (its bf16 decode is slow on CPUs without native bf16)")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -45,6 +47,19 @@ def main() -> None:
         for name, (total, linear) in sizes.items():
             print(f"{name}: weights {total / 1e6:.0f} MB, of which quantizable linears {linear / 1e6:.0f} MB")
 
+        for llm in llms.values():
+            time_xpuserve(llm, [[1] * 16], 4)
+        time_hf(hf, torch.ones(1, 16, dtype=torch.long), 4)
+        rows = []
+        for c in args.concurrency:
+            batch = torch.randint(0, CONFIG["vocab_size"], (c, 128), generator=gen)
+            speed = {name: c * args.output_len / time_xpuserve(llm, batch.tolist(), args.output_len) for name, llm in llms.items()}
+            if c in args.hf_concurrency:
+                speed["hf"] = c * args.output_len / time_hf(hf, batch, args.output_len)
+            rows.append((c, speed))
+            print(f"concurrency {c:3d}: xpuserve bf16 {speed['bf16']:.1f}, int8 {speed['int8']:.1f}, "
+                  f"transformers bf16 {speed.get('hf', float('nan')):.1f} tok/s")
+        # After timing: prompt_logits gives each model a cache of its own, replacing the engine's.
         prompts = [torch.randint(0, CONFIG["vocab_size"], (128,), generator=gen).tolist() for _ in range(4)]
         logits = {name: prompt_logits(m, prompts) for name, m in models.items()}
         logits["float32"] = prompt_logits(LLM(tmp, device="cpu", dtype="float32").engine.model, prompts)
@@ -56,16 +71,6 @@ def main() -> None:
         for label, value in quality.items():
             print(f"top-1 agreement {label}: {value:.1%} of {sum(len(p) for p in prompts)} positions")
 
-        for llm in llms.values():
-            time_xpuserve(llm, [[1] * 16], 4)
-        time_hf(hf, torch.ones(1, 16, dtype=torch.long), 4)
-        rows = []
-        for c in args.concurrency:
-            batch = torch.randint(0, CONFIG["vocab_size"], (c, 128), generator=gen)
-            speed = {name: c * args.output_len / time_xpuserve(llm, batch.tolist(), args.output_len) for name, llm in llms.items()}
-            speed["hf"] = c * args.output_len / time_hf(hf, batch, args.output_len)
-            rows.append((c, speed))
-            print(f"concurrency {c:3d}: xpuserve bf16 {speed['bf16']:.1f}, int8 {speed['int8']:.1f}, transformers bf16 {speed['hf']:.1f} tok/s")
     if not args.no_report:
         write_report(args, sizes, quality, rows)
 
@@ -83,11 +88,16 @@ def write_report(args, sizes, quality, rows) -> None:
         "|---|---:|---:|---:|",
         f"| all weights (MB) | {bf_total / 1e6:.0f} | {q_total / 1e6:.0f} | {q_total / bf_total:.2f} |",
         f"| quantizable linears (MB) | {bf_linear / 1e6:.0f} | {q_linear / 1e6:.0f} | {q_linear / bf_linear:.2f} |",
-        *[f"| decode tok/s, {c} request(s) | {s['bf16']:.1f} | {s['int8']:.1f} | {s['int8'] / s['bf16']:.2f}x "
-          f"(transformers bf16: {s['hf']:.1f}; INT8 vs it {s['int8'] / s['hf']:.2f}x) |" for c, s in rows],
+        *[f"| decode tok/s, {c} request(s) | {s['bf16']:.1f} | {s['int8']:.1f} | {s['int8'] / s['bf16']:.2f}x"
+          + (f" (transformers bf16 {s['hf']:.1f} tok/s: xpuserve INT8 {s['int8'] / s['hf']:.2f}x, bf16 {s['bf16'] / s['hf']:.2f}x)" if "hf" in s else "")
+          + " |" for c, s in rows],
         "",
         "Top-1 agreement over 512 teacher-forced positions: "
         + ", ".join(f"{label} {value:.1%}" for label, value in quality.items()) + ".",
+        f"bf16 itself picks float32's token at only {quality['bf16 vs float32']:.1%} of positions here: a random model's",
+        "logits are flat and its routers near ties, so any rounding flips top-1 choices. The 97% INT8-vs-bf16",
+        "criterion is therefore not met on this model; on trained weights it is (stories260K, 554 positions,",
+        "`tests/test_real_weights.py`), and the demo model's accuracy is unchanged (`tests/test_demo_model.py`).",
         "",
     ])
 
