@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from throughput import cpu_name, time_hf, time_xpuserve, write_section
+from throughput import time_hf, time_xpuserve, write_section
 from xpuserve import LLM
 from xpuserve.generate import prompt_logits
+from xpuserve.platforms.cpu import cpu_model_name
 from xpuserve.planner.bench_model import CONFIG, build_checkpoint
 
 
@@ -80,7 +81,7 @@ def write_report(args, sizes, quality, rows) -> None:
     write_section([
         "## INT8 weights vs bf16 (CPU)",
         "",
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Machine: {cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         f"Command: `python benchmarks/int8.py --concurrency {' '.join(map(str, args.concurrency))}`"
         f" (prompt 128 tokens, {args.output_len} greedy output tokens; the ~200M model of the throughput section).",
         "",

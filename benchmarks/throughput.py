@@ -11,7 +11,6 @@ Prompts of 128 tokens, 128 greedy output tokens, at several concurrencies.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from xpuserve import LLM, SamplingParams
+from xpuserve.platforms.cpu import cpu_model_name
 
 from xpuserve.planner.bench_model import CONFIG, build_checkpoint
 
@@ -96,21 +96,11 @@ def main() -> None:
                 write_report(args, rows, params, active, bandwidth)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def write_report(args, rows, params, active, bandwidth) -> None:
     lines = [
         "## Throughput: xpuserve vs HF transformers (CPU, bf16)",
         "",
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Machine: {cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         f"Command: `python benchmarks/throughput.py --concurrency {' '.join(map(str, args.concurrency))}`"
         f" (prompt {args.prompt_len} tokens, {args.output_len} greedy output tokens).",
         f"Model: random DeepSeek-V3-shaped checkpoint, {params / 1e6:.0f}M parameters, {active / 2e6:.0f}M active per token.",

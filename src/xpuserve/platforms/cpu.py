@@ -1,5 +1,6 @@
 import functools
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,17 @@ from xpuserve.platforms.base import Platform
 
 
 BF16_UPCAST_ROWS = 12
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class CpuPlatform(Platform):
@@ -19,12 +31,7 @@ class CpuPlatform(Platform):
         return True
 
     def device_name(self, device: torch.device) -> str:
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
-        except OSError:
-            model = "CPU"
-        return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        return f"{cpu_model_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16)  # float16 matmuls are emulated and slow on CPUs
