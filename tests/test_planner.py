@@ -3,7 +3,6 @@ the CLI's table / JSON / chart, and the calibration against the engine's own dec
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -199,14 +198,11 @@ def test_calibrated_cpu_predicts_the_engine_decode(tmp_path):
     pytest.importorskip("transformers")
     from xpuserve.planner.calibrate import calibrate
 
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load > 2 * cores:  # other processes' threads would decide the timings, not this machine
-        pytest.skip(f"load average {load:.1f} on {cores} cores: too busy to time the engine")
-
     start = time.perf_counter()
     result = calibrate(workdir=str(tmp_path))
     elapsed = time.perf_counter() - start
     print(f"calibration took {elapsed:.0f} s: measured {result.measured}, predicted {result.predicted}")
+    assert elapsed < 60, "the calibration is meant to take under a minute"
     for batch in (1, 16):
         ratio = result.predicted[batch] / result.measured[batch]
         assert 0.7 <= ratio <= 1.3, f"batch {batch}: planner {result.predicted[batch]:.1f} vs engine {result.measured[batch]:.1f} tok/s"

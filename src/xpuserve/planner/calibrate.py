@@ -2,9 +2,11 @@
 engine's decode on the benchmark model, and write a chip profile the planner reads.
 
 Rates are taken the way the engine meets them: bf16 weights through the platform's `linear`
-(one row: weight streaming; a few rows: the bf16 GEMM, emulated on CPUs without bf16; many
-rows: float32). The engine's fixed per-step cost comes from a model of the same structure with
-negligible weights. Rates and engine runs are taken in one process, close in time.
+(one row: weight streaming; a few rows: the bf16 GEMM, emulated on CPUs without bf16; 16 and 64
+rows on such CPUs: the weight's conversion to float32 plus the float32 GEMM, and the page faults
+of float32 copies too large for malloc to reuse). The engine's fixed per-step cost comes from a
+model of the same structure with negligible weights. Rates and engine runs are taken in one
+process, interleaved; nothing is fitted to the benchmark model's own engine timings.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from xpuserve.config import ModelConfig
@@ -27,9 +29,11 @@ PROMPT_LEN = 16
 @dataclass
 class Rates:
     stream_gbps: float  # bf16 weight bytes read per second by a one-row matmul
-    bf16_tflops: float  # bf16 matmul below the float32 switch (rows < BF16_UPCAST_ROWS)
+    bf16_tflops: float  # the bf16 kernel at a few rows (emulated on CPUs without native bf16)
     fp32_tflops: float
-    upcast_rows: int | None
+    upcast_rows: int | None = None  # CPUs without native bf16: rows from which the platform upcasts
+    upcast_ns_per_param: float | None = None  # converting one bf16 weight to float32 on that path
+    fresh_page_gbps: float | None = None  # float32 copies above malloc's reuse limit: pages faulted in
 
 
 @dataclass
@@ -49,31 +53,49 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_rates(repeats: int = 5) -> Rates:
+def measure_rates(repeats: int = 3) -> Rates:
+    """The platform's `linear` timed on bf16 weights far larger than the caches, as a model's are."""
     import torch
 
+    from xpuserve.platforms import cpu as cpu_platform
     from xpuserve.platforms import current_platform
 
-    from xpuserve.platforms import cpu as cpu_platform
-
     platform = current_platform()
-    upcast = getattr(platform, "native_bf16", True) is False
-    rows_switch = getattr(cpu_platform, "BF16_UPCAST_ROWS", None) if upcast else None
-    # 2816x1024 matrices, 256 MB in bf16: far more than the caches, as a model's weights are.
-    weights = [torch.empty(2816, 1024, dtype=torch.bfloat16).uniform_(-0.05, 0.05) for _ in range(44)]
-    params = sum(w.numel() for w in weights)
 
-    def run(rows: int, ws):
-        x = torch.randn(rows, 1024).to(ws[0].dtype)
-        return lambda: [platform.linear(x, w) for w in ws]
+    def weights(*shapes: tuple[int, int, int]) -> list:
+        return [torch.empty(n, k, dtype=torch.bfloat16).uniform_(-0.05, 0.05)
+                for n, k, count in shapes for _ in range(count)]
 
+    def s_per_param(rows: int, ws: list) -> float:
+        xs = {k: torch.randn(rows, k).to(ws[0].dtype) for k in {w.shape[1] for w in ws}}
+        seconds = _median_time(lambda: [platform.linear(xs[w.shape[1]], w) for w in ws], repeats)
+        return seconds / sum(w.numel() for w in ws)
+
+    # 218 MB of bf16 weights in three shapes, each float32 copy small enough for malloc to reuse.
+    mixed = weights((1024, 1024, 16), (2816, 1024, 16), (1024, 2816, 16))
     with torch.inference_mode():
-        stream = 2 * params / _median_time(run(1, weights), repeats)
-        small = 8 if upcast else 64  # rows the bf16 kernel itself runs
-        bf16 = 2 * small * params / _median_time(run(small, weights), repeats)
-        weights32 = [w.float() for w in weights[:8]]  # float32 GEMMs are compute-bound: cache-sized is fine
-        fp32 = 2 * 64 * sum(w.numel() for w in weights32) / _median_time(run(64, weights32), repeats)
-    return Rates(stream / 1e9, bf16 / 1e12, fp32 / 1e12, rows_switch)
+        stream = 2 / s_per_param(1, mixed)  # bf16 bytes per second
+        if getattr(platform, "native_bf16", True):
+            bf16 = 2 * 64 / s_per_param(64, mixed)
+            fp32 = 2 * 64 / s_per_param(64, [w.float() for w in mixed[:8]])  # compute-bound: cache-sized is fine
+            return Rates(stream / 1e9, bf16 / 1e12, fp32 / 1e12)
+        rows = cpu_platform.BF16_UPCAST_ROWS
+        # Below `rows` the emulated bf16 kernel: its time grows with the rows (it is compute-bound),
+        # timed at 4 rows, what a routed expert gets in a decode batch.
+        bf16 = 2 * 4 / s_per_param(4, mixed)
+        # From `rows` on: time per weight = conversion + 2 x rows / float32 rate; two row counts give both.
+        few, many = s_per_param(16, mixed), s_per_param(64, mixed)
+        per_row = (many - few) / (64 - 16)
+        convert = few - 16 * per_row
+        # Weights whose float32 copy (64 MiB) exceeds what malloc reuses: the extra time is page faults.
+        large = weights((16384, 1024, 4))
+        fresh = 4 / max(s_per_param(16, large) - few, 1e-12)
+    return Rates(stream / 1e9, bf16 / 1e12, 2 / per_row / 1e12, rows, convert * 1e9, fresh / 1e9)
+
+
+def _median_rates(runs: list[Rates]) -> Rates:
+    values = {f.name: [getattr(r, f.name) for r in runs] for f in fields(Rates)}
+    return Rates(**{k: v[0] if v[0] is None or k == "upcast_rows" else statistics.median(v) for k, v in values.items()})
 
 
 def engine_decode_step(llm, batch: int, steps: int) -> float:
@@ -97,7 +119,8 @@ def engine_decode_step(llm, batch: int, steps: int) -> float:
 def cpu_chip(rates: Rates, layer_us: float, expert_us: float, name: str, memory_gb: float) -> Chip:
     return Chip(
         key="cpu", name=name, bf16_tflops=rates.bf16_tflops, fp32_tflops=rates.fp32_tflops,
-        bf16_upcast_rows=rates.upcast_rows, hbm_gb=memory_gb, hbm_gbps=rates.stream_gbps, link_gbps=10,
+        bf16_upcast_rows=rates.upcast_rows, upcast_ns_per_param=rates.upcast_ns_per_param,
+        fresh_page_gbps=rates.fresh_page_gbps, hbm_gb=memory_gb, hbm_gbps=rates.stream_gbps, link_gbps=10,
         network_gbps=1, scaleup_chips=1, price_per_hour=0.1, compute_efficiency=1.0, memory_efficiency=1.0,
         layer_overhead_us=layer_us, expert_overhead_us=expert_us,
         source=f"xpuserve calibrate on {name}, {time.strftime('%Y-%m-%d')}",
@@ -129,11 +152,12 @@ def predicted_decode_tps(cfg: ModelConfig, chip: Chip, batch: int, context: floa
     return batch / decode_step(cfg, chip, Layout(), Options(), batch, context).total
 
 
-def calibrate(batches: tuple[int, ...] = (1, 16), steps: int = 8, rounds: int = 2, workdir: str | None = None) -> Calibration:
+def calibrate(batches: tuple[int, ...] = (1, 16), steps: int = 8, rounds: int = 3, workdir: str | None = None) -> Calibration:
     import torch
 
     from xpuserve import LLM
     from xpuserve.planner.chips import load_chips
+    from xpuserve.platforms.cpu import cpu_model_name
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         big, tiny = Path(tmp) / "bench", Path(tmp) / "tiny"
@@ -148,34 +172,20 @@ def calibrate(batches: tuple[int, ...] = (1, 16), steps: int = 8, rounds: int = 
         # the median of each quantity over the rounds is kept.
         samples: dict[str, list] = {}
         for _ in range(rounds):
-            samples.setdefault("rates", []).append(measure_rates(repeats=3))
+            samples.setdefault("rates", []).append(measure_rates())
             for b in (1, 16):
                 samples.setdefault(f"tiny{b}", []).append(engine_decode_step(tiny_llm, b, steps))
             for b in batches:
                 samples.setdefault(f"big{b}", []).append(engine_decode_step(llm, b, steps))
-        runs = samples["rates"]
-        rates = Rates(*(statistics.median(getattr(r, f) for r in runs) for f in ("stream_gbps", "bf16_tflops", "fp32_tflops")),
-                      runs[0].upcast_rows)
+        rates = _median_rates(samples["rates"])
         layer_us, expert_us = fixed_costs(tiny_cfg, rates, {b: statistics.median(samples[f"tiny{b}"]) for b in (1, 16)})
         measured = {b: b / statistics.median(samples[f"big{b}"]) for b in batches}
-    name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    name = f"{cpu_model_name()}, {torch.get_num_threads()} threads"
     shipped = load_chips().get("cpu")
     chip = cpu_chip(rates, layer_us, expert_us, name, shipped.hbm_gb if shipped else 16)
     context = PROMPT_LEN + steps / 2
     predicted = {b: predicted_decode_tps(cfg, chip, b, context) for b in batches}
     return Calibration(chip, measured, predicted)
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def profile_toml(chip: Chip) -> str:

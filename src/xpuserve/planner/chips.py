@@ -25,9 +25,14 @@ class Chip:
     source: str
     fp8_tflops: float | None = None
     int8_tops: float | None = None
-    # CPUs without native bf16: matmuls of at least this many rows run in float32 (platforms/cpu.py).
+    # CPUs without native bf16 (platforms/cpu.py): bf16 matmuls of at least bf16_upcast_rows rows
+    # convert the weight to float32 (upcast_ns_per_param per weight) and multiply in float32
+    # (fp32_tflops); a float32 copy too large for malloc to reuse has its pages faulted in afresh on
+    # every call, at fresh_page_gbps. Fewer rows run the bf16 kernel at bf16_tflops.
     fp32_tflops: float | None = None
     bf16_upcast_rows: int | None = None
+    upcast_ns_per_param: float | None = None
+    fresh_page_gbps: float | None = None
     compute_efficiency: float = 0.6
     memory_efficiency: float = 0.8
     comm_efficiency: float = 0.7

@@ -105,6 +105,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"{chip.name}: bf16 weight streaming {chip.hbm_gbps:.1f} GB/s, bf16 matmul {chip.bf16_tflops * 1e3:.1f} GFLOP/s, "
           f"float32 matmul {chip.fp32_tflops * 1e3:.1f} GFLOP/s, per layer {chip.layer_overhead_us:.0f} us, "
           f"per busy expert {chip.expert_overhead_us:.0f} us")
+    if chip.upcast_ns_per_param:
+        print(f"bf16 -> float32 weight conversion {chip.upcast_ns_per_param:.3f} ns per weight, "
+              f"fresh pages {chip.fresh_page_gbps:.2f} GB/s")
     for batch in result.measured:
         m, p = result.measured[batch], result.predicted[batch]
         print(f"decode batch {batch:3d}: engine {m:7.1f} tok/s, planner {p:7.1f} tok/s ({(p / m - 1) * 100:+.0f}%)")

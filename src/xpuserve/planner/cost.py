@@ -7,7 +7,7 @@ The MTP layer of R1/V3 is not counted: it serves speculative decoding, not the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from xpuserve.config import ModelConfig
 
@@ -25,6 +25,7 @@ class Matmul:
     n: int  # output features
     count: float = 1.0  # weight matrices of this shape (layers, busy experts, heads)
     dtype: str | None = None  # None: the plan's weight dtype; "fp32" for the router
+    batched: bool = False  # one small matmul per head, run as a batched matmul (MLA's absorbed W_UK, W_UV)
 
     @property
     def params(self) -> float:
@@ -77,8 +78,8 @@ def attention_weights(cfg: ModelConfig, rows: float = 0.0) -> list[Matmul]:
          [Matmul("q_a", rows, h, cfg.q_lora_rank), Matmul("q_b", rows, cfg.q_lora_rank, heads * cfg.qk_head_dim)])
     return q + [
         Matmul("kv_a", rows, h, r + rope),
-        Matmul("w_uk", rows, cfg.qk_nope_head_dim, r, count=heads),
-        Matmul("w_uv", rows, r, cfg.v_head_dim, count=heads),
+        Matmul("w_uk", rows, cfg.qk_nope_head_dim, r, count=heads, batched=True),
+        Matmul("w_uv", rows, r, cfg.v_head_dim, count=heads, batched=True),
         Matmul("o", rows, heads * cfg.v_head_dim, h),
     ]
 
@@ -146,7 +147,7 @@ def step_cost(
                                  cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)))
             continue
         mm.append(m)
-    mm = [Matmul(m.name, m.rows, m.k, m.n, m.count * layers) for m in mm]
+    mm = [replace(m, count=m.count * layers) for m in mm]
     if layers - moe_layers:
         mm += [Matmul("mlp_gate_up", tokens, h, 2 * cfg.intermediate_size, layers - moe_layers),
                Matmul("mlp_down", tokens, cfg.intermediate_size, h, layers - moe_layers)]
@@ -178,7 +179,7 @@ def _shard(m: Matmul, tp: int, cfg: ModelConfig) -> Matmul:
     # Tensor parallelism: each chip holds 1/tp of every matrix (the router is replicated).
     if m.name == "router":
         return m
-    return Matmul(m.name, m.rows, m.k, m.n, m.count / tp, m.dtype)
+    return replace(m, count=m.count / tp)
 
 
 def _attention(cfg: ModelConfig, tokens: float, seqs: float, context: float, decode: bool, kv_dtype: str):

@@ -41,13 +41,26 @@ def matmul_time(m: Matmul, chip: Chip, dtype: str, eff: Efficiency) -> float:
     bandwidth = chip.hbm_gbps * 1e9 * eff.memory
     if dtype == "fp32":
         rate = chip.fp32_tflops or chip.bf16_tflops
-    elif dtype == "bf16" and chip.bf16_upcast_rows is not None and m.rows >= chip.bf16_upcast_rows:
-        # The CPU platform converts the bf16 weight to float32 (read 2 bytes, write 4) and multiplies in float32.
-        convert = 6 * m.params / bandwidth
-        return convert + max(m.flops / (chip.fp32_tflops * 1e12 * eff.compute), 4 * m.params / bandwidth)
+    elif dtype == "bf16" and chip.bf16_upcast_rows is not None and (m.rows >= chip.bf16_upcast_rows or m.batched):
+        return upcast_time(m, chip, eff)  # the CPU platform's batched matmul upcasts at any row count
     else:
         rate = chip.matmul_tflops(dtype)
     return max(m.flops / (rate * 1e12 * eff.compute), m.params * BYTES[dtype] / bandwidth)
+
+
+# glibc's malloc maps blocks above 32 MiB (its largest mmap threshold) afresh on every allocation
+# and unmaps them when freed, so their pages are faulted in (and zeroed) on every call.
+MALLOC_REUSE_BYTES = 32 * 2**20
+
+
+def upcast_time(m: Matmul, chip: Chip, eff: Efficiency) -> float:
+    """The CPU platform's bf16 matmul of many rows: convert each weight to float32, multiply in float32."""
+    # Uncalibrated profiles: the conversion reads 2 bytes and writes 4 per weight at the memory bandwidth.
+    convert_ns = chip.upcast_ns_per_param or 6 / (chip.hbm_gbps * eff.memory)
+    t = m.params * convert_ns * 1e-9 + m.flops / (chip.fp32_tflops * 1e12 * eff.compute)
+    if chip.fresh_page_gbps and 4 * m.k * m.n > MALLOC_REUSE_BYTES:
+        t += 4 * m.params / (chip.fresh_page_gbps * 1e9)
+    return t
 
 
 def attention_time(step: Step, chip: Chip, eff: Efficiency) -> float:
