@@ -62,9 +62,9 @@ def main() -> None:
         for name, (total, linear) in sizes.items():
             print(f"{name}: weights {total / 1e6:.0f} MB, of which quantizable linears {linear / 1e6:.0f} MB")
 
-        for llm in llms.values():
-            time_xpuserve(llm, [[1] * 16], 4)
-        time_hf(hf, torch.ones(1, 16, dtype=torch.long), 4)
+        for llm in llms.values():  # full-length warm-up, as benchmarks/throughput.py does
+            time_xpuserve(llm, [[1] * 128], 8)
+        time_hf(hf, torch.ones(1, 128, dtype=torch.long), 8)
         rows = []
         for c in args.concurrency:
             batch = torch.randint(0, CONFIG["vocab_size"], (c, 128), generator=gen)

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from xpuserve.config import ModelConfig
 from xpuserve.models import build_model
 from xpuserve.models.linear import WeightFormat
-from xpuserve.quantization import fp8, int8
+from xpuserve.quantization import int8
 from xpuserve.weights.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
-from xpuserve.weights.loader import INT8_SCALE_SUFFIX, PROGRESS_BAR_BYTES, SCALE_SUFFIXES, _companion, _is_mtp, expected_tensors
+from xpuserve.weights.loader import INT8_SCALE_SUFFIX, PROGRESS_BAR_BYTES, SCALE_SUFFIXES, expected_tensors, is_mtp, load_one
 
 TARGETS = ("bf16", "int8")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -94,7 +94,7 @@ def write_tensors(ckpt: Checkpoint, config: ModelConfig, dst: Path, to: str, max
     stats, shard = ConvertStats(), ShardWriter(dst, max_shard_size)
     bar = tqdm(ckpt.names(), desc=f"Converting to {to}", unit="tensor", disable=ckpt.nbytes() < PROGRESS_BAR_BYTES)
     for name in bar:
-        if _is_mtp(name, config.num_hidden_layers):
+        if is_mtp(name, config.num_hidden_layers):
             stats.mtp_skipped += 1
             continue
         if any(name.endswith(s) and name[: -len(s)] in ckpt.file_of for s in SCALE_SUFFIXES):
@@ -119,45 +119,18 @@ def write_tensors(ckpt: Checkpoint, config: ModelConfig, dst: Path, to: str, max
 
 
 def convert_tensor(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """One checkpoint tensor (with its scales) -> the tensors the converted checkpoint stores for it."""
-    where = ckpt.dir / ckpt.file_of[name]
-    tensor = ckpt.get(name)
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise CheckpointError(f"tensor '{name}' in {where} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
-    if tensor.dtype == torch.float8_e4m3fn and block is None:
-        raise CheckpointError(f"fp8 tensor '{name}' in {where}, but config.json has no quantization_config")
-    try:
-        if isinstance(target, int8.Int8Rows):
-            q, scale = to_int8(ckpt, name, tensor, target.via, block)
-            return {name: q, name + INT8_SCALE_SUFFIX: scale}
-        return {name: to_float(ckpt, name, tensor, target.dtype, block)}
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"tensor '{name}' in {where}: {e}") from None
-
-
-def to_int8(ckpt: Checkpoint, name: str, tensor: torch.Tensor, via: torch.dtype,
-            block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the loader puts in an INT8 layer: rounded to `via` (bf16) first, FP8 block-row by block-row."""
-    rows = int8.Int8Rows(torch.empty(tensor.shape, dtype=torch.int8), torch.empty(tensor.shape[:-1], dtype=torch.float32), via)
-    if tensor.dtype == torch.int8:
-        rows.load_int8(tensor, _companion(ckpt, name, INT8_SCALE_SUFFIX))
-    elif tensor.dtype == torch.float8_e4m3fn:
-        fp8.dequantize_into(rows, tensor, _companion(ckpt, name, fp8.SCALE_SUFFIX), block)
-    else:
-        rows.copy_(tensor)
-    return rows.weight, rows.scale
-
-
-def to_float(ckpt: Checkpoint, name: str, tensor: torch.Tensor, dtype: torch.dtype,
-             block: tuple[int, int] | None) -> torch.Tensor:
-    """What the loader puts in a float parameter of `dtype` (bf16; float32 for the router)."""
-    if tensor.dtype == torch.int8:
-        return int8.dequantize(tensor, _companion(ckpt, name, INT8_SCALE_SUFFIX), dtype)
-    if tensor.dtype == torch.float8_e4m3fn:
-        return fp8.dequantize(tensor, _companion(ckpt, name, fp8.SCALE_SUFFIX), block, dtype)
-    if tensor.dtype == torch.bfloat16:
-        return tensor  # a float32 router loads bf16 exactly: no need to double it
-    return tensor.to(dtype)
+    """One checkpoint tensor (with its scales) -> the tensors the converted checkpoint stores for it,
+    loaded by the loader itself into a CPU copy of the model's target, so the values are the same."""
+    if isinstance(target, int8.Int8Rows):
+        rows = int8.Int8Rows(torch.empty(target.shape, dtype=torch.int8),
+                             torch.empty(target.shape[:-1], dtype=torch.float32), target.via)
+        load_one(ckpt, name, rows, block)
+        return {name: rows.weight, name + INT8_SCALE_SUFFIX: rows.scale}
+    if target.dtype == torch.float32 and ckpt.dtype(name) == torch.bfloat16:
+        return {name: ckpt.get(name)}  # a float32 router loads bf16 exactly: no need to double it
+    out = torch.empty(target.shape, dtype=target.dtype)
+    load_one(ckpt, name, out, block)
+    return {name: out}
 
 
 class ShardWriter:

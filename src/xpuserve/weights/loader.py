@@ -59,7 +59,7 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
         names = ckpt.names()
         bar = tqdm(names, desc="Loading weights", unit="tensor", disable=ckpt.nbytes() < PROGRESS_BAR_BYTES)
         for name in bar:
-            if _is_mtp(name, config.num_hidden_layers):
+            if is_mtp(name, config.num_hidden_layers):
                 stats["mtp_skipped"] += 1
                 continue
             if any(name.endswith(s) and name[: -len(s)] in ckpt.file_of for s in SCALE_SUFFIXES):
@@ -76,7 +76,7 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
             if target is OTHER_RANK:  # another rank's expert
                 stats["other_ranks"] = stats.get("other_ranks", 0) + 1
                 continue
-            _load_one(ckpt, name, target, block)
+            load_one(ckpt, name, target, block)
             stats["loaded"] += 1
     if views:
         missing = sorted(views)
@@ -86,12 +86,12 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> dict[str, int]:
     return stats
 
 
-def _load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None) -> None:
+def load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None) -> None:
     """Copy one checkpoint tensor into its target: a tensor view, or an Int8Rows / Fp8Rows."""
     where = ckpt.dir / ckpt.file_of[name]
     if isinstance(target, Shard):  # this rank's part only
         try:
-            load_shard(ckpt, name, target, block, lambda n, suffix: _companion(ckpt, n, suffix))
+            load_shard(ckpt, name, target, block, lambda n, suffix: companion(ckpt, n, suffix))
         except CheckpointError:
             raise
         except (ValueError, RuntimeError) as e:
@@ -105,13 +105,13 @@ def _load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None
     device = target.weight.device if hasattr(target, "weight") else target.device
     try:
         if tensor.dtype == torch.int8:
-            scale = _companion(ckpt, name, INT8_SCALE_SUFFIX).to(device)
+            scale = companion(ckpt, name, INT8_SCALE_SUFFIX).to(device)
             if isinstance(target, int8.Int8Rows):
                 target.load_int8(tensor.to(device), scale)
             else:
                 target.copy_(int8.dequantize(tensor.to(device), scale))
         elif tensor.dtype == torch.float8_e4m3fn:
-            scale_inv = _companion(ckpt, name, fp8.SCALE_SUFFIX).to(device)
+            scale_inv = companion(ckpt, name, fp8.SCALE_SUFFIX).to(device)
             if block is None:
                 raise CheckpointError(f"fp8 tensor '{name}' in {where}, but config.json has no quantization_config")
             if isinstance(target, fp8.Fp8Rows):
@@ -126,13 +126,13 @@ def _load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None
         raise CheckpointError(f"tensor '{name}' in {where}: {e}") from None
 
 
-def _companion(ckpt: Checkpoint, name: str, suffix: str) -> torch.Tensor:
+def companion(ckpt: Checkpoint, name: str, suffix: str) -> torch.Tensor:
     if name + suffix not in ckpt.file_of:
         raise CheckpointError(f"{ckpt.dir / ckpt.file_of[name]}: quantized tensor '{name}' has no '{name + suffix}' beside it")
     return ckpt.get(name + suffix)
 
 
-def _is_mtp(name: str, num_layers: int) -> bool:
+def is_mtp(name: str, num_layers: int) -> bool:
     match = LAYER_INDEX.match(name)
     return match is not None and int(match.group(1)) >= num_layers
 
