@@ -120,3 +120,22 @@ def test_int8_model_logits_close_to_float(tmp_path, arch):
     prompts = random_prompts([7, 19], model.config.vocab_size)
     for ref, got in zip(prompt_logits(reference, prompts), prompt_logits(model, prompts)):
         assert relative_error(got, ref) < 0.05
+
+
+def test_served_fp8_equals_dequantized_fp8(tmp_path):
+    """The FP8 weights an sm_89+ GPU keeps: loaded block scales per row and 128 columns, the
+    platform's fp8_linear (here its dequantizing fallback) gives the dequantized model's logits."""
+    from xpuserve.weights.loader import load_weights
+
+    make_checkpoint("v3_grouped", tmp_path, **ODD_SHAPES)
+    write_fp8_checkpoint(tmp_path)
+    config = ModelConfig.from_pretrained(tmp_path)
+    served = build_model(config, torch.float32, "cpu", WeightFormat("fp8"))
+    load_weights(served, tmp_path)
+    fp8_layers = [m for m in served.modules() if isinstance(m, Linear) and m.weight.dtype == torch.float8_e4m3fn]
+    assert fp8_layers and all(m.weight_scale.shape == (m.out_features, -(-m.in_features // 128)) for m in fp8_layers)
+    assert served.model.layers[1].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    reference = load_model(tmp_path, dtype="float32", device="cpu")
+    prompts = random_prompts([7, 19], config.vocab_size)
+    for got, ref in zip(prompt_logits(served, prompts), prompt_logits(reference, prompts)):
+        assert relative_error(got, ref) < 1e-5
