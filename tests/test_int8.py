@@ -139,3 +139,31 @@ def test_served_fp8_equals_dequantized_fp8(tmp_path):
     prompts = random_prompts([7, 19], config.vocab_size)
     for got, ref in zip(prompt_logits(served, prompts), prompt_logits(reference, prompts)):
         assert relative_error(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dim, start, stop", [(0, 100, 260), (1, 128, 300), (1, 256, 300)])
+def test_served_fp8_shard_keeps_the_checkpoint_bytes(tmp_path, dim, start, stop):
+    """A tensor-parallel rank's FP8 shard is the same bytes and scales as the unsharded served
+    weight cut there: rows anywhere, columns at 128-column block boundaries."""
+    from safetensors.torch import save_file
+
+    from xpuserve.distributed.shard import Shard
+    from xpuserve.quantization import fp8
+    from xpuserve.weights.checkpoint import Checkpoint
+    from xpuserve.weights.loader import load_one
+
+    weight, scale_inv = fp8.quantize(torch.randn(300, 300), (128, 128))
+    save_file({"w": weight, "w" + fp8.SCALE_SUFFIX: scale_inv}, tmp_path / "model.safetensors")
+
+    def fp8_rows(rows: int, cols: int) -> fp8.Fp8Rows:
+        return fp8.Fp8Rows(torch.empty(rows, cols, dtype=torch.float8_e4m3fn), torch.empty(rows, -(-cols // 128)))
+
+    full = fp8_rows(300, 300)
+    part = fp8_rows(stop - start, 300) if dim == 0 else fp8_rows(300, stop - start)
+    with Checkpoint(tmp_path) as ckpt:
+        load_one(ckpt, "w", full, (128, 128))
+        load_one(ckpt, "w", Shard(part, dim, start, stop), (128, 128))
+    cut = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
+    blocks = (slice(start, stop),) if dim == 0 else (slice(None), slice(start // 128, -(-stop // 128)))
+    assert torch.equal(part.weight.view(torch.uint8), full.weight[cut].view(torch.uint8))
+    assert torch.equal(part.scale_inv, full.scale_inv[blocks])

@@ -3,8 +3,8 @@
 A `Shard` wraps the usual target (a tensor view, Int8Rows or Fp8Rows) with the range of the
 checkpoint tensor it takes along one dimension; `OTHER_RANK` marks a checkpoint tensor another
 rank holds (a routed expert under expert parallelism). Only the shard's bytes are read from the
-memory-mapped file (safetensors' get_slice). With FP8 blocks the block-aligned rows and columns
-around the shard are read and dequantized, then cut.
+memory-mapped file (safetensors' get_slice). Served FP8 keeps the checkpoint's bytes; otherwise
+FP8 blocks around the shard are read and dequantized, then cut.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def load_shard(ckpt, name: str, shard: Shard, block: tuple[int, int] | None, com
     if dtype == torch.float8_e4m3fn:
         if block is None:
             raise ValueError("an fp8 tensor, but config.json has no quantization_config")
-        target.copy_(_fp8_shard(ckpt, name, dim, start, stop, block, companion(name, fp8.SCALE_SUFFIX)))
+        scale_inv = companion(name, fp8.SCALE_SUFFIX)
+        if isinstance(target, fp8.Fp8Rows) and _keep_fp8(ckpt, name, target, dim, start, stop, block, scale_inv):
+            return
+        target.copy_(_fp8_shard(ckpt, name, dim, start, stop, block, scale_inv))
         return
     tensor = ckpt.get_slice(name, _index(dim, start, stop))
     if tuple(tensor.shape) != tuple(target.shape):
@@ -60,6 +63,22 @@ def load_shard(ckpt, name: str, shard: Shard, block: tuple[int, int] | None, com
             target.copy_(int8.dequantize(tensor.to(device), scale))
     else:
         target.copy_(tensor)
+
+
+def _keep_fp8(ckpt, name, target: fp8.Fp8Rows, dim, start, stop, block, scale_inv) -> bool:
+    """Served FP8 takes the checkpoint's bytes as they are: rows cut anywhere (its scales are per
+    row), columns at 128-column block boundaries (R1's shards at TP8 all are). False otherwise."""
+    if block[1] != fp8.COLUMN_BLOCK or (dim == 1 and start % block[1]):
+        return False
+    device = target.weight.device
+    row_scales = scale_inv.repeat_interleave(block[0], dim=0)[: ckpt.shape(name)[0]]
+    if dim == 0:
+        target.weight.copy_(ckpt.get_slice(name, _index(0, start, stop)).to(device))
+        target.scale_inv.copy_(row_scales[start:stop].to(device))
+    else:
+        target.weight.copy_(ckpt.get_slice(name, _index(1, start, stop)).to(device))
+        target.scale_inv.copy_(row_scales[:, start // block[1] : -(-stop // block[1])].to(device))
+    return True
 
 
 def _fp8_shard(ckpt, name, dim, start, stop, block, scale_inv) -> torch.Tensor:
