@@ -129,7 +129,7 @@ def test_unknown_quantization_is_named():
         choose_format(CpuPlatform(), config("bfloat16"), quantization="int4")
 
 
-def test_serve_prints_the_format_and_its_reason(tmp_path):
+def test_generate_prints_the_format_and_its_reason(tmp_path):
     from oracle import write_char_tokenizer
 
     make_checkpoint("qwen2", tmp_path)

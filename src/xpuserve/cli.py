@@ -10,6 +10,7 @@ from xpuserve.generate import generate
 from xpuserve.platforms import DeviceError
 from xpuserve.tokenizer import ChatTemplateError, Tokenizer
 from xpuserve.weights import CheckpointError, load_model
+from xpuserve.weights.format import QUANTIZATIONS
 
 # Errors that mean "this model folder cannot be used": reported in one line, exit code 2.
 USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, FileNotFoundError, FileExistsError, ValueError)
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
     gen.add_argument("--dtype", default="auto", choices=DTYPES)
-    gen.add_argument("--quantization", "-q", choices=("int8",), default=None)
+    gen.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None)
     gen.set_defaults(func=cmd_generate)
 
     from xpuserve.server.launch import add_engine_args, add_serve_args

@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from xpuserve.platforms import DeviceError
 from xpuserve.platforms.base import Platform
 
 # A collective that waits longer than this is taken as a hung or dead peer. Ranks never wait
@@ -68,11 +69,14 @@ def launched_world_size() -> int:
 
 
 def rank_device(platform: Platform, device: str) -> str:
-    """The device this rank loads onto: with several ranks, the accelerator of its LOCAL_RANK
-    unless the user named one ('cuda:3')."""
+    """The device this rank loads onto: with several ranks, the accelerator of its LOCAL_RANK."""
     device = platform.name if device == "auto" else device
-    if platform.name == "cpu" or ":" in device or launched_world_size() == 1:
+    if platform.name == "cpu" or launched_world_size() == 1:
         return device
+    if ":" in device:  # every rank would take that one device
+        raise DeviceError(f"--device {device} names one device for {launched_world_size()} ranks: give the type only "
+                          f"('{platform.name}'); each rank takes its LOCAL_RANK's device (choose them with "
+                          "CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES)")
     return f"{platform.name}:{os.environ.get('LOCAL_RANK', '0')}"
 
 

@@ -17,6 +17,7 @@ from xpuserve.engine.llm_engine import LLMEngine
 from xpuserve.reasoning import THINK_END, THINK_START
 from xpuserve.server.app import ServerConfig, build_app
 from xpuserve.tokenizer import render_chat_template
+from xpuserve.weights.format import QUANTIZATIONS
 
 log = logging.getLogger("xpuserve")
 
@@ -25,7 +26,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine flags, named as vLLM names them."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N] (default auto)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--quantization", "-q", choices=("int8",), default=None,
+    parser.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
                         help="int8: INT8 weights with per-channel scales, converted on load (FP8 checkpoints block by block)")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")

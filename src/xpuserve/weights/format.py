@@ -36,7 +36,8 @@ def choose_format(platform: Platform, config: ModelConfig, dtype: str | torch.dt
         how = f"{platform.name} has a fast INT8 matmul" if w8a8 else f"{platform.name} has no fast INT8 matmul, activations stay float"
         weights, reason = WeightFormat("int8", w8a8), f"{why}; {how}"
     elif method == "fp8" and "fp8" in platform.matmul_kinds():
-        weights, reason = WeightFormat("fp8"), f"FP8 checkpoint kept in FP8: {platform.name} has FP8 matmul"
+        # Half the memory of bf16. The matmul itself still dequantizes per call: no FP8 GEMM kernel yet.
+        weights, reason = WeightFormat("fp8"), f"FP8 checkpoint kept in FP8: {platform.name} has FP8 matmul units"
     elif method == "fp8":
         weights = WeightFormat()
         reason = f"FP8 checkpoint dequantized on load: {platform.name} has no FP8 matmul (--quantization int8 halves the memory)"
