@@ -91,16 +91,25 @@ def stop() -> None:
         _watcher.stop()
 
 
-def who_stopped() -> str:
-    """Names the ranks whose heartbeat stopped (takes a few seconds to tell)."""
+def silent_ranks() -> list[int]:
+    """The ranks whose heartbeat stopped (takes a few seconds to tell)."""
     try:
-        silent = _watcher.silent_ranks() if _watcher else []
+        return _watcher.silent_ranks() if _watcher else []
     except Exception:  # noqa: BLE001 - the store is gone too
-        silent = []
+        return []
+
+
+def who_stopped() -> str:
+    silent = silent_ranks()
     return f"rank {_names(silent)} stopped" if silent else "a peer rank failed or hung"
 
 
 def collective_failed(error: BaseException) -> None:
-    """A collective raised or timed out: name the ranks that went silent, then exit."""
+    """A step raised or a collective timed out: name the ranks that went silent, or say that this
+    rank's own step failed (an out-of-memory, say), then exit: the ranks are out of step."""
     rank = _watcher.rank if _watcher else "?"
-    fatal(f"{who_stopped()}: a collective on rank {rank} failed ({type(error).__name__}: {error}); stopping the server")
+    cause = f"{type(error).__name__}: {error}"
+    silent = silent_ranks()
+    if silent:
+        fatal(f"rank {_names(silent)} stopped: a collective on rank {rank} failed ({cause}); stopping the server")
+    fatal(f"a step failed on rank {rank} ({cause}); the ranks are out of step: stopping the server")
