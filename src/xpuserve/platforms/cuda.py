@@ -56,6 +56,8 @@ class CudaPlatform(Platform):
         return matmul_kinds(torch.cuda.get_device_capability())
 
     def int8_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] % 8 or b.shape[0] % 8:  # cuBLASLt's INT8 GEMM wants both dimensions in multiples of 8
+            return (a.float() @ b.float().t()).round().to(torch.int32)
         rows = a.shape[0]
         if rows < INT_MM_MIN_ROWS:
             a = F.pad(a, (0, 0, 0, INT_MM_MIN_ROWS - rows))
