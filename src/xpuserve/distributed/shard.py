@@ -53,14 +53,9 @@ def load_shard(ckpt, name: str, shard: Shard, block: tuple[int, int] | None, com
     tensor = ckpt.get_slice(name, _index(dim, start, stop))
     if tuple(tensor.shape) != tuple(target.shape):
         raise ValueError(f"shard {tuple(tensor.shape)} of the checkpoint tensor does not fit {tuple(target.shape)}")
-    device = target.weight.device if hasattr(target, "weight") else target.device
     if dtype == torch.int8:
-        scale = companion(name, "_scale").to(device)  # one per row: rows split with the weight, columns keep it
-        scale = scale[start:stop] if dim == 0 else scale
-        if isinstance(target, int8.Int8Rows):
-            target.load_int8(tensor.to(device), scale)
-        else:
-            target.copy_(int8.dequantize(tensor.to(device), scale))
+        scale = companion(name, "_scale")  # one per row: rows split with the weight, columns keep it
+        int8.load_into(target, tensor, scale[start:stop] if dim == 0 else scale)
     else:
         target.copy_(tensor)
 

@@ -58,7 +58,7 @@ class Fp8Rows:
 
     def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor):
         self.weight, self.scale_inv = weight, scale_inv
-        self.shape = weight.shape
+        self.shape, self.device = weight.shape, weight.device
 
     def __getitem__(self, rows: slice) -> "Fp8Rows":
         return Fp8Rows(self.weight[rows], self.scale_inv[rows])

@@ -38,7 +38,7 @@ class Int8Rows:
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, via: torch.dtype):
         self.weight, self.scale, self.via = weight, scale, via
-        self.shape = weight.shape
+        self.shape, self.device = weight.shape, weight.device
 
     def __getitem__(self, rows: slice) -> "Int8Rows":
         return Int8Rows(self.weight[rows], self.scale[rows], self.via)
@@ -51,3 +51,13 @@ class Int8Rows:
     def load_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight.copy_(q)
         self.scale.copy_(scale.reshape(self.scale.shape))
+
+
+def load_into(target, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """An INT8 checkpoint tensor with its row scales into a load target: kept as INT8 by Int8Rows,
+    dequantized into a float tensor view."""
+    q, scale = q.to(target.device), scale.to(target.device)
+    if isinstance(target, Int8Rows):
+        target.load_int8(q, scale)
+    else:
+        target.copy_(dequantize(q, scale))

@@ -102,14 +102,10 @@ def load_one(ckpt: Checkpoint, name: str, target, block: tuple[int, int] | None)
         raise CheckpointError(
             f"tensor '{name}' in {where} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
         )
-    device = target.weight.device if hasattr(target, "weight") else target.device
+    device = target.device
     try:
         if tensor.dtype == torch.int8:
-            scale = companion(ckpt, name, INT8_SCALE_SUFFIX).to(device)
-            if isinstance(target, int8.Int8Rows):
-                target.load_int8(tensor.to(device), scale)
-            else:
-                target.copy_(int8.dequantize(tensor.to(device), scale))
+            int8.load_into(target, tensor, companion(ckpt, name, INT8_SCALE_SUFFIX))
         elif tensor.dtype == torch.float8_e4m3fn:
             scale_inv = companion(ckpt, name, fp8.SCALE_SUFFIX).to(device)
             if block is None:
