@@ -4,8 +4,12 @@ it computed and what it holds (parameter bytes, expert load) to <out>/<case>.ran
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import threading
+import time
+import weakref
 from pathlib import Path
 
 from xpuserve.config import EngineConfig
@@ -27,6 +31,21 @@ def serve_prompts(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[
     return [outputs[str(i)] for i in range(len(prompts))]
 
 
+def stop_during_long_step(engine: LLMEngine, seconds: float) -> None:
+    """Shut down while another thread is inside a step that lasts `seconds` (it holds the step lock,
+    as a long forward pass does): STOP goes out once the step ends."""
+    inside = threading.Event()
+
+    def long_step():
+        with engine.channel.lock:
+            inside.set()
+            time.sleep(seconds)
+
+    threading.Thread(target=long_step).start()
+    inside.wait()
+    engine.shutdown()
+
+
 def main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     for case in spec["cases"]:
@@ -35,14 +54,20 @@ def main(spec_file: str) -> None:
         if engine.parallel.is_driver:
             result["outputs"] = serve_prompts(engine, spec["prompts"], spec["max_tokens"])
             result["tokens_computed"] = engine.runner.num_tokens_computed
-            engine.shutdown()
+            if "last_step_s" in case:
+                stop_during_long_step(engine, case["last_step_s"])
+            else:
+                engine.shutdown()
         else:
             engine.run_worker()
         load = engine.expert_load()
         if load is not None:
             result["tokens_per_expert"], result["tokens_per_rank"] = load.tokens_per_expert, load.tokens_per_rank
-        out = Path(spec["out"]) / f"{case['name']}.rank{engine.parallel.rank}.json"
-        out.write_text(json.dumps(result))
+        rank, alive = engine.parallel.rank, weakref.ref(engine)
+        del engine
+        gc.collect()
+        result["engine_freed"] = alive() is None  # its model and KV cache with it
+        (Path(spec["out"]) / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

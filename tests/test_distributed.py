@@ -69,12 +69,14 @@ def requests(vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [rng.randint(1, 16) for _ in range(NUM_REQUESTS)]
 
 
-def run_ranks(model: Path, cases: dict[str, dict], prompts, max_tokens, out: Path) -> dict[str, list[dict]]:
+def run_ranks(model: Path, cases: dict[str, dict], prompts, max_tokens, out: Path, env: dict | None = None,
+              **case_options) -> dict[str, list[dict]]:
     """Every case in one torchrun: per case, what each rank reported."""
     spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "out": str(out),
-            "cases": [{"name": name, "engine_args": {**ENGINE_ARGS, **args}} for name, args in cases.items()]}
+            "cases": [{"name": name, "engine_args": {**ENGINE_ARGS, **args}, **case_options} for name, args in cases.items()]}
     (out / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([*TORCHRUN, str(RUN_SCRIPT), str(out / "spec.json")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*TORCHRUN, str(RUN_SCRIPT), str(out / "spec.json")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {name: [json.loads((out / f"{name}.rank{r}.json").read_text()) for r in range(2)] for name in cases}
 
@@ -89,6 +91,7 @@ def test_parallel_outputs_equal_one_rank_and_weights_are_split(arch, checkpoints
     for case, ranks in reports.items():
         assert ranks[0]["outputs"] == expected, case
         for report in ranks:
+            assert report["engine_freed"], case  # nothing keeps a stopped engine's model and cache alive
             held = {name: nbytes for name, (nbytes, _) in report["parameters"].items()}
             assert held.keys() == full.keys()
             for name, nbytes in held.items():
@@ -100,6 +103,15 @@ def test_parallel_outputs_equal_one_rank_and_weights_are_split(arch, checkpoints
             assert sum(held.values()) < 0.6 * sum(full.values())
     if "tp2_ep" in reports:
         assert_experts_partitioned_and_counted(llm.engine.model_config, reports)
+
+
+def test_a_clean_stop_during_a_long_last_step_stops_every_rank_cleanly(checkpoints, tmp_path):
+    """Rank 0 keeps beating until STOP is out: a last step longer than the watchdog's limit is not
+    taken for a dead rank 0 by the followers waiting for STOP."""
+    prompts, max_tokens = [[1, 2, 3]], [2]
+    reports = run_ranks(checkpoints["qwen2"], {"tp2": TP}, prompts, max_tokens, tmp_path,
+                        env={"XPUSERVE_DEAD_AFTER": "2"}, last_step_s=4)  # run_ranks asserts exit 0
+    assert [r["engine_freed"] for r in reports["tp2"]] == [True, True]
 
 
 def assert_experts_partitioned_and_counted(config, reports) -> None:

@@ -116,6 +116,14 @@ class StepChannel:
                 self.lock.release()
 
 
+def stop_followers(channel: StepChannel) -> None:
+    """Driver: send STOP, then stop watching the followers (they stop beating once they have it).
+    Not the other way round: during a long last step rank 0 must still beat, or the followers,
+    waiting for STOP, would take it for dead."""
+    channel.close()
+    liveness.stop()
+
+
 def follow(channel: StepChannel, execute) -> None:
     """A follower's loop: run every step the driver sends until it says stop."""
     try:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from xpuserve.engine.scheduler import Scheduler
 from xpuserve.engine.sequence import Sequence
 from xpuserve.distributed import comm_device, init_distributed, liveness, min_over_ranks, rank_device
 from xpuserve.distributed.expert_load import ExpertLoad, expert_load
-from xpuserve.distributed.lockstep import StepChannel, follow
+from xpuserve.distributed.lockstep import StepChannel, follow, stop_followers
 from xpuserve.detokenizer import IncrementalDetokenizer, StopChecker
 from xpuserve.platforms import resolve_device
 from xpuserve.sampling_params import SamplingParams
@@ -63,8 +63,10 @@ class LLMEngine:
         self.device = device
         self.eos_token_ids = sorted(set(self.model_config.eos_token_id) | {self.tokenizer.eos_token_id} - {None})
         self.requests: dict[str, Request] = {}
+        # Followers wait for STOP however rank 0's engine ends: shutdown(), collected, or at exit.
+        self._finalizer = None
         if self.channel is not None and self.parallel.is_driver:
-            atexit.register(self.shutdown)  # followers wait for STOP however rank 0 ends
+            self._finalizer = weakref.finalize(self, stop_followers, self.channel)
         log.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, self.num_cache_tokens)
 
     def _num_blocks(self, memory: tuple[int, int] | None) -> int:
@@ -91,9 +93,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """On rank 0 when serving across ranks: tell the other ranks to stop. Idempotent."""
-        if self.channel is not None and self.parallel.is_driver:
-            liveness.stop()
-            self.channel.close()
+        if self._finalizer is not None:
+            self._finalizer()
 
     def expert_load(self) -> ExpertLoad | None:
         """Tokens routed to each expert and each rank so far (None for dense models)."""
