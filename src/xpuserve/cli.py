@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from xpuserve.bench.client import EndpointError
 from xpuserve.config import ConfigError
 from xpuserve.generate import generate
 from xpuserve.platforms import DeviceError
@@ -12,8 +13,9 @@ from xpuserve.tokenizer import ChatTemplateError, Tokenizer
 from xpuserve.weights import CheckpointError, load_model
 from xpuserve.weights.format import QUANTIZATIONS
 
-# Errors that mean "this model folder cannot be used": reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, FileNotFoundError, FileExistsError, ValueError)
+# Errors that mean "this model folder (or endpoint) cannot be used": reported in one line, exit code 2.
+USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, EndpointError, FileNotFoundError, FileExistsError,
+               ValueError)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     from xpuserve.planner.cli import add_planner_commands
 
     add_planner_commands(sub)  # plan, calibrate
+
+    from xpuserve.bench.cli import add_bench_command
+
+    add_bench_command(sub)
 
     from xpuserve.weights.convert import DEFAULT_MAX_SHARD_SIZE, TARGETS
 
