@@ -79,6 +79,14 @@ def test_preemption_keeps_outputs(case):
     assert_all_blocks_free(llm)
 
 
+def test_a_kv_budget_without_one_block_is_refused_with_the_numbers(case):
+    path = case[0]
+    per_token = LLM(path, dtype="float32", device="cpu").engine.kv_bytes_per_token
+    budget = 4 * per_token - 1  # one byte short of a block of 4 tokens
+    with pytest.raises(ValueError, match=f"KV cache budget of {budget} bytes holds no block of 4 tokens"):
+        LLM(path, dtype="float32", device="cpu", block_size=4, kv_cache_memory=budget)
+
+
 def test_each_request_alone_equals_transformers(case):
     path, prompts, max_tokens, expected = case
     llm = LLM(path, dtype="float32", device="cpu")

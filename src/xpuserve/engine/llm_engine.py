@@ -80,10 +80,11 @@ class LLMEngine:
             budget = int(free - (1 - cfg.gpu_memory_utilization) * total)
         # Never more than every sequence at full length needs.
         most = cfg.max_num_seqs * (-(-self.max_model_len // cfg.block_size) + 1)
-        num_blocks = min(budget // (self.kv_bytes_per_token * cfg.block_size), most)
-        num_blocks = min_over_ranks(num_blocks, comm_device(self.model.model.embed_tokens.weight.device))
+        local = min(budget // (self.kv_bytes_per_token * cfg.block_size), most)
+        num_blocks = min_over_ranks(local, comm_device(self.model.model.embed_tokens.weight.device))
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {cfg.block_size} tokens")
+            where = f"of {budget} bytes" if local < 1 else f"of another rank (this rank's {budget} bytes hold {local} blocks)"
+            raise ValueError(f"KV cache budget {where} holds no block of {cfg.block_size} tokens")
         return num_blocks
 
     def run_worker(self) -> None:
