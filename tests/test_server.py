@@ -73,6 +73,39 @@ def test_completions_n2_seed_logprobs(client, server):
     assert first.usage.prompt_tokens == 4 and first.usage.completion_tokens == 20
 
 
+def test_completions_batch_of_prompts_equals_each_alone(client, server):
+    """OpenAI's API (and lm-evaluation-harness) sends several prompts in one request: choices come
+    numbered prompt by prompt, n each, with what each prompt gives alone; usage is their sum."""
+    prompts = ["abc", "hello there", "x"]
+    kwargs = dict(model=MODEL_NAME, max_tokens=6, temperature=0.9, seed=4, n=2)
+    alone = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    batch = client.completions.create(prompt=prompts, **kwargs)
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [c.text for r in alone for c in r.choices]
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone)
+    assert batch.usage.completion_tokens == sum(r.usage.completion_tokens for r in alone) == 36
+    ids = client.completions.create(model=MODEL_NAME, prompt=[[5, 6, 7], [8, 9]], max_tokens=4, temperature=0)
+    assert [c.text for c in ids.choices] == [
+        client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=4, temperature=0).choices[0].text for p in ([5, 6, 7], [8, 9])]
+    streamed = {}
+    usage = None
+    for chunk in client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **kwargs):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(6)] == [c.text for c in batch.choices]
+    assert usage.completion_tokens == 36 and usage.prompt_tokens == batch.usage.prompt_tokens
+
+
+def test_a_batch_with_one_bad_prompt_is_refused_whole(server):
+    engine = server[1]
+    body = {"model": MODEL_NAME, "prompt": [[1, 2], [10**6]], "max_tokens": 2}
+    response = httpx.post(server[0] + "/v1/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt[1]" and "token ids" in response.json()["error"]["message"]
+    assert not engine.has_unfinished_requests()  # nothing of it started
+
+
 def test_chat_logprobs(client):
     response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0, max_tokens=5,
                                               logprobs=True, top_logprobs=3)
@@ -141,9 +174,10 @@ def test_64_concurrent_streams_and_metrics(server, client):
     assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
 
 
-def test_disconnect_mid_stream_frees_blocks(server):
+@pytest.mark.parametrize("prompt", [[3] * 40, [[3] * 40, [4] * 30]], ids=["one_prompt", "batch"])
+def test_disconnect_mid_stream_frees_blocks(server, prompt):
     url, engine = server
-    body = {"model": MODEL_NAME, "prompt": [3] * 40, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i == 6:

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import time
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from xpuserve.detokenizer import StopChecker
-from xpuserve.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
-from xpuserve.engine.outputs import CompletionOutput, RequestOutput
-from xpuserve.reasoning import ReasoningParser
+from xpuserve.engine.async_engine import AsyncEngine
 from xpuserve.sampling_params import SamplingParams
 from xpuserve.server.errors import APIError, error_body, error_response
 from xpuserve.server.metrics import Metrics
 from xpuserve.server.middleware import RequestGuard
 from xpuserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from xpuserve.server.stream import Stream
 from xpuserve.tokenizer import ChatTemplateError
 
 
@@ -89,21 +86,94 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await stream.respond(stream.chat_chunks(include_usage))
+        return await respond(stream.chat_chunks(include_usage))
     return JSONResponse(await stream.chat_response())
 
 
 async def completions(body: CompletionRequest, request: Request) -> Response:
+    """One prompt or a batch of them (OpenAI's API allows both); a batch's prompts run concurrently
+    and their choices are numbered prompt by prompt, `n` each."""
     state = request.app.state
     _check_model(body.model, state.config)
     params = _sampling_params(body)
     tokenizer = state.engine.engine.tokenizer
-    prompt_ids = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
-    stream = Stream(request, "cmpl", prompt_ids, params, prompt_text=body.prompt if isinstance(body.prompt, str) else None)
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = [
+        Stream(request, "cmpl", tokenizer.encode(p) if isinstance(p, str) else p, params,
+               prompt_text=p if isinstance(p, str) else None, response_id=response_id, part=i)
+        for i, p in enumerate(body.prompts())
+    ]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await stream.respond(stream.completion_chunks(include_usage))
-    return JSONResponse(await stream.completion_response())
+        return await respond(completion_chunks(streams, include_usage))
+    responses = await gather_or_cancel([s.completion_response() for s in streams])
+    return JSONResponse({**responses[0], "choices": [c for r in responses for c in r["choices"]],
+                         "usage": sum_usage([r["usage"] for r in responses])})
+
+
+async def completion_chunks(streams: list[Stream], include_usage: bool) -> AsyncIterator[str]:
+    async for chunk in merge([s.completion_deltas() for s in streams]):
+        yield chunk
+    if include_usage:
+        yield streams[0].sse("text_completion", [], usage=sum_usage([s.usage(s.last_output) for s in streams]))
+    yield "data: [DONE]\n\n"
+
+
+def sum_usage(usages: list[dict]) -> dict:
+    total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    return {**total, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def respond(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """Starts the stream only once the first chunk exists, so errors before it are real HTTP errors."""
+    first = await anext(chunks)
+
+    async def body():
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def gather_or_cancel(awaitables: list[Awaitable]) -> list:
+    """All results, or the first error with the rest cancelled (their engine requests aborted)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merge(iterators: list[AsyncIterator]) -> AsyncIterator:
+    """Items of several async iterators as they come; the first error stops them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(iterator):
+        try:
+            async for item in iterator:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(drain(it)) for it in iterators]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _check_model(name: str | None, config: ServerConfig) -> None:
@@ -116,170 +186,3 @@ def _sampling_params(body) -> SamplingParams:
         return body.to_sampling_params()
     except ValueError as e:
         raise APIError(400, str(e), str(e).split(" ", 1)[0]) from None
-
-
-class Stream:
-    """One request's run through the engine, shaped into OpenAI responses or SSE chunks."""
-
-    def __init__(self, request: Request, prefix: str, prompt_ids: list[int], params: SamplingParams,
-                 reasoning: bool = False, prompt_text: str | None = None):
-        self.state = request.app.state
-        self.engine: AsyncEngine = self.state.engine
-        try:
-            self.engine.engine.check_request(prompt_ids, params)
-        except ValueError as e:
-            raise APIError(400, str(e), "messages" if prefix == "chatcmpl" else "prompt") from None
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = self.state.config.served_model_name
-        self.prompt_ids, self.params, self.reasoning = prompt_ids, params, reasoning
-        self.prompt_text = prompt_text
-        self.tokenizer = self.engine.engine.tokenizer
-
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
-        try:
-            async for output in self.engine.generate(self.id, self.prompt_text or self.prompt_ids, self.params):
-                if output.finished:
-                    self.state.metrics.record_finished(output)
-                yield output
-        except EngineOverloaded as e:
-            raise APIError(429, f"the server is busy: {e}; retry later", code="overloaded", headers={"Retry-After": "1"}) from None
-        except EngineDead as e:
-            raise APIError(503, str(e), code="engine_unavailable") from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-
-    async def final(self) -> RequestOutput:
-        async for output in self.outputs():
-            if output.finished:
-                return output
-        raise APIError(503, "the request ended without output", code="engine_unavailable")
-
-    async def respond(self, chunks: AsyncIterator[str]) -> StreamingResponse:
-        """Starts the stream only once the first chunk exists, so errors before it are real HTTP errors."""
-        first = await anext(chunks)
-
-        async def body():
-            yield first
-            async for chunk in chunks:
-                yield chunk
-
-        return StreamingResponse(body(), media_type="text/event-stream")
-
-    def usage(self, output: RequestOutput) -> dict:
-        completion = sum(len(c.token_ids) for c in output.outputs)
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(self.prompt_ids) + completion,
-                "prompt_tokens_details": {"cached_tokens": output.metrics.num_cached_tokens}}
-
-    # ---- chat ----
-    async def chat_response(self) -> dict:
-        output = await self.final()
-        choices = []
-        for c in output.outputs:
-            message = {"role": "assistant", "content": c.text}
-            if self.reasoning:
-                parser = ReasoningParser()
-                r1, c1 = parser.feed(c.text)
-                r2, c2 = parser.finish()
-                message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
-            choices.append({"index": c.index, "message": message, "logprobs": self._chat_logprobs(c, 0),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(output)}
-
-    async def chat_chunks(self, include_usage: bool) -> AsyncIterator[str]:
-        n = self.params.n
-        parsers = [ReasoningParser() if self.reasoning else None for _ in range(n)]
-        yield self._sse("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                     "logprobs": None, "finish_reason": None} for i in range(n)])
-        async for output, choice, delta, new_tokens in self._deltas():
-            parser = parsers[choice.index]
-            message = {"content": delta}
-            if parser is not None:
-                reasoning, content = parser.feed(delta)
-                if choice.finish_reason is not None:
-                    r, c = parser.finish()
-                    reasoning, content = reasoning + r, content + c
-                message = {"content": content, "reasoning_content": reasoning}
-            message = {k: v for k, v in message.items() if v} if choice.finish_reason is None else message
-            if not message and choice.finish_reason is None and not new_tokens:
-                continue
-            yield self._sse("chat.completion.chunk", [{
-                "index": choice.index, "delta": message,
-                "logprobs": self._chat_logprobs(choice, len(choice.token_ids) - new_tokens),
-                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}])
-        if include_usage:
-            yield self._sse("chat.completion.chunk", [], usage=self.usage(output))
-        yield "data: [DONE]\n\n"
-
-    def _chat_logprobs(self, c: CompletionOutput, start: int) -> dict | None:
-        if c.logprobs is None:
-            return None
-        entries = []
-        for entry in c.logprobs[start:]:
-            token = self.tokenizer.decode([entry.token_id], skip_special_tokens=False)
-            entries.append({"token": token, "logprob": entry.logprob, "bytes": list(token.encode()),
-                            "top_logprobs": [self._top(t, lp) for t, lp in entry.top]})
-        return {"content": entries}
-
-    def _top(self, token_id: int, logprob: float) -> dict:
-        token = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    # ---- completions ----
-    async def completion_response(self) -> dict:
-        output = await self.final()
-        choices = [{"index": c.index, "text": c.text, "logprobs": self._completion_logprobs(c, 0),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage(output)}
-
-    async def completion_chunks(self, include_usage: bool) -> AsyncIterator[str]:
-        output = None
-        async for output, choice, delta, new_tokens in self._deltas():
-            yield self._sse("text_completion", [{
-                "index": choice.index, "text": delta,
-                "logprobs": self._completion_logprobs(choice, len(choice.token_ids) - new_tokens),
-                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}])
-        if include_usage and output is not None:
-            yield self._sse("text_completion", [], usage=self.usage(output))
-        yield "data: [DONE]\n\n"
-
-    def _completion_logprobs(self, c: CompletionOutput, start: int) -> dict | None:
-        if c.logprobs is None:
-            return None
-        entries = c.logprobs[start:]
-        tokens = [self.tokenizer.decode([e.token_id], skip_special_tokens=False) for e in entries]
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._top(t, lp)["token"]: lp for t, lp in e.top} for e in entries]}
-
-    # ---- shared ----
-    async def _deltas(self) -> AsyncIterator[tuple[RequestOutput, CompletionOutput, str, int]]:
-        """Per update and choice: the text not sent yet (holding back what may become a stop string)
-        and how many tokens are new."""
-        sent_chars = [0] * self.params.n
-        sent_tokens = [0] * self.params.n
-        done = [False] * self.params.n
-        stop = StopChecker(self.params.stop)
-        async for output in self.outputs():
-            for choice in output.outputs:
-                i = choice.index
-                if done[i]:
-                    continue
-                finished = choice.finish_reason is not None
-                visible = len(choice.text) if finished else len(choice.text) - stop.hold_back(choice.text)
-                new_tokens = len(choice.token_ids) - sent_tokens[i]
-                if visible <= sent_chars[i] and not finished and not new_tokens:
-                    continue
-                delta = choice.text[sent_chars[i] : max(visible, sent_chars[i])]
-                sent_chars[i] = max(visible, sent_chars[i])
-                sent_tokens[i] = len(choice.token_ids)
-                done[i] = finished
-                yield output, choice, delta, new_tokens
-
-    def _sse(self, kind: str, choices: list[dict], usage: dict | None = None) -> str:
-        chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-        if usage is not None:
-            chunk["usage"] = usage
-        return f"data: {json.dumps(chunk)}\n\n"

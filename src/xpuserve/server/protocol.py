@@ -72,8 +72,13 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(union_mode="left_to_right")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(union_mode="left_to_right")
     logprobs: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids) or a batch of them."""
+        single = isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else list(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
         return self.sampling_params(self.max_tokens if self.max_tokens is not None else 16, self.logprobs)

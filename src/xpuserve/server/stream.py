@@ -1,0 +1,176 @@
+"""One request's run through the engine, shaped into OpenAI responses or SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from xpuserve.detokenizer import StopChecker
+from xpuserve.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from xpuserve.engine.outputs import CompletionOutput, RequestOutput
+from xpuserve.reasoning import ReasoningParser
+from xpuserve.sampling_params import SamplingParams
+from xpuserve.server.errors import APIError
+
+
+class Stream:
+    """One request's run through the engine, shaped into OpenAI responses or SSE chunks."""
+
+    def __init__(self, request: Request, prefix: str, prompt_ids: list[int], params: SamplingParams,
+                 reasoning: bool = False, prompt_text: str | None = None, response_id: str | None = None, part: int = 0):
+        """`part`: this prompt's place in a batch of completion prompts sharing `response_id`."""
+        self.state = request.app.state
+        self.engine: AsyncEngine = self.state.engine
+        try:
+            self.engine.engine.check_request(prompt_ids, params)
+        except ValueError as e:
+            where = "messages" if prefix == "chatcmpl" else "prompt" if part == 0 else f"prompt[{part}]"
+            raise APIError(400, str(e), where) from None
+        self.id = response_id or f"{prefix}-{uuid.uuid4().hex}"
+        self.request_id = f"{self.id}-{part}"
+        self.first_choice = part * params.n  # OpenAI numbers a batch's choices prompt by prompt
+        self.last_output: RequestOutput | None = None
+        self.created = int(time.time())
+        self.model = self.state.config.served_model_name
+        self.prompt_ids, self.params, self.reasoning = prompt_ids, params, reasoning
+        self.prompt_text = prompt_text
+        self.tokenizer = self.engine.engine.tokenizer
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for output in self.engine.generate(self.request_id, self.prompt_text or self.prompt_ids, self.params):
+                self.last_output = output
+                if output.finished:
+                    self.state.metrics.record_finished(output)
+                yield output
+        except EngineOverloaded as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", code="overloaded", headers={"Retry-After": "1"}) from None
+        except EngineDead as e:
+            raise APIError(503, str(e), code="engine_unavailable") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def final(self) -> RequestOutput:
+        async for output in self.outputs():
+            if output.finished:
+                return output
+        raise APIError(503, "the request ended without output", code="engine_unavailable")
+
+    def usage(self, output: RequestOutput) -> dict:
+        completion = sum(len(c.token_ids) for c in output.outputs)
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(self.prompt_ids) + completion,
+                "prompt_tokens_details": {"cached_tokens": output.metrics.num_cached_tokens}}
+
+    # ---- chat ----
+    async def chat_response(self) -> dict:
+        output = await self.final()
+        choices = []
+        for c in output.outputs:
+            message = {"role": "assistant", "content": c.text}
+            if self.reasoning:
+                parser = ReasoningParser()
+                r1, c1 = parser.feed(c.text)
+                r2, c2 = parser.finish()
+                message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
+            choices.append({"index": c.index, "message": message, "logprobs": self._chat_logprobs(c, 0),
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage(output)}
+
+    async def chat_chunks(self, include_usage: bool) -> AsyncIterator[str]:
+        n = self.params.n
+        parsers = [ReasoningParser() if self.reasoning else None for _ in range(n)]
+        yield self.sse("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                     "logprobs": None, "finish_reason": None} for i in range(n)])
+        async for output, choice, delta, new_tokens in self._deltas():
+            parser = parsers[choice.index]
+            message = {"content": delta}
+            if parser is not None:
+                reasoning, content = parser.feed(delta)
+                if choice.finish_reason is not None:
+                    r, c = parser.finish()
+                    reasoning, content = reasoning + r, content + c
+                message = {"content": content, "reasoning_content": reasoning}
+            message = {k: v for k, v in message.items() if v} if choice.finish_reason is None else message
+            if not message and choice.finish_reason is None and not new_tokens:
+                continue
+            yield self.sse("chat.completion.chunk", [{
+                "index": choice.index, "delta": message,
+                "logprobs": self._chat_logprobs(choice, len(choice.token_ids) - new_tokens),
+                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}])
+        if include_usage:
+            yield self.sse("chat.completion.chunk", [], usage=self.usage(output))
+        yield "data: [DONE]\n\n"
+
+    def _chat_logprobs(self, c: CompletionOutput, start: int) -> dict | None:
+        if c.logprobs is None:
+            return None
+        entries = []
+        for entry in c.logprobs[start:]:
+            token = self.tokenizer.decode([entry.token_id], skip_special_tokens=False)
+            entries.append({"token": token, "logprob": entry.logprob, "bytes": list(token.encode()),
+                            "top_logprobs": [self._top(t, lp) for t, lp in entry.top]})
+        return {"content": entries}
+
+    def _top(self, token_id: int, logprob: float) -> dict:
+        token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    # ---- completions ----
+    async def completion_response(self) -> dict:
+        output = await self.final()
+        choices = [{"index": self.first_choice + c.index, "text": c.text, "logprobs": self._completion_logprobs(c, 0),
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage(output)}
+
+    async def completion_deltas(self) -> AsyncIterator[str]:
+        """The SSE chunks of this prompt's choices (the caller adds usage and [DONE])."""
+        async for _, choice, delta, new_tokens in self._deltas():
+            yield self.sse("text_completion", [{
+                "index": self.first_choice + choice.index, "text": delta,
+                "logprobs": self._completion_logprobs(choice, len(choice.token_ids) - new_tokens),
+                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}])
+
+    def _completion_logprobs(self, c: CompletionOutput, start: int) -> dict | None:
+        if c.logprobs is None:
+            return None
+        entries = c.logprobs[start:]
+        tokens = [self.tokenizer.decode([e.token_id], skip_special_tokens=False) for e in entries]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self._top(t, lp)["token"]: lp for t, lp in e.top} for e in entries]}
+
+    # ---- shared ----
+    async def _deltas(self) -> AsyncIterator[tuple[RequestOutput, CompletionOutput, str, int]]:
+        """Per update and choice: the text not sent yet (holding back what may become a stop string)
+        and how many tokens are new."""
+        sent_chars = [0] * self.params.n
+        sent_tokens = [0] * self.params.n
+        done = [False] * self.params.n
+        stop = StopChecker(self.params.stop)
+        async for output in self.outputs():
+            for choice in output.outputs:
+                i = choice.index
+                if done[i]:
+                    continue
+                finished = choice.finish_reason is not None
+                visible = len(choice.text) if finished else len(choice.text) - stop.hold_back(choice.text)
+                new_tokens = len(choice.token_ids) - sent_tokens[i]
+                if visible <= sent_chars[i] and not finished and not new_tokens:
+                    continue
+                delta = choice.text[sent_chars[i] : max(visible, sent_chars[i])]
+                sent_chars[i] = max(visible, sent_chars[i])
+                sent_tokens[i] = len(choice.token_ids)
+                done[i] = finished
+                yield output, choice, delta, new_tokens
+
+    def sse(self, kind: str, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
