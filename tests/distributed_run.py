@@ -22,13 +22,25 @@ def parameters(engine: LLMEngine) -> dict[str, list]:
     return {name: [p.nbytes, list(p.shape)] for name, p in engine.model.named_parameters()}
 
 
-def serve_prompts(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+def sampling_params(i: int, max_tokens: int) -> SamplingParams:
+    """Greedy; every third request also scores its prompt (more logit rows on every rank)."""
+    return SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=2 if i % 3 == 0 else None)
+
+
+def prompt_scores(output) -> list[list[float]] | None:
+    """[token id, logprob] of each scored prompt token."""
+    return None if output.prompt_logprobs is None else [[e.token_id, e.logprob] for e in output.prompt_logprobs[1:]]
+
+
+def serve_prompts(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[list, list]:
+    """The greedy outputs and prompt scores of every request."""
     for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=n))
-    outputs = {}
+        engine.add_request(str(i), prompt, sampling_params(i, n))
+    finished = {}
     while engine.has_unfinished_requests():
-        outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
-    return [outputs[str(i)] for i in range(len(prompts))]
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    outputs = [finished[str(i)] for i in range(len(prompts))]
+    return [o.outputs[0].token_ids for o in outputs], [prompt_scores(o) for o in outputs]
 
 
 def stop_during_long_step(engine: LLMEngine, seconds: float) -> None:
@@ -52,7 +64,7 @@ def main(spec_file: str) -> None:
         engine = LLMEngine(EngineConfig(model=spec["model"], dtype="float32", device="cpu", **case["engine_args"]))
         result = {"parameters": parameters(engine)}
         if engine.parallel.is_driver:
-            result["outputs"] = serve_prompts(engine, spec["prompts"], spec["max_tokens"])
+            result["outputs"], result["prompt_scores"] = serve_prompts(engine, spec["prompts"], spec["max_tokens"])
             result["tokens_computed"] = engine.runner.num_tokens_computed
             if "last_step_s" in case:
                 stop_during_long_step(engine, case["last_step_s"])

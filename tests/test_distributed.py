@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from distributed_run import prompt_scores, sampling_params
 from oracle import make_checkpoint, write_char_tokenizer
 from server_fixture import free_port
 from test_fp8 import ODD_SHAPES, write_fp8_checkpoint
@@ -85,11 +86,18 @@ def run_ranks(model: Path, cases: dict[str, dict], prompts, max_tokens, out: Pat
 def test_parallel_outputs_equal_one_rank_and_weights_are_split(arch, checkpoints, tmp_path):
     llm = LLM(checkpoints[arch], dtype="float32", device="cpu", **ENGINE_ARGS)
     prompts, max_tokens = requests(llm.engine.model_config.vocab_size)
-    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n) for n in max_tokens])]
+    generated = llm.generate(prompts, [sampling_params(i, n) for i, n in enumerate(max_tokens)])
+    expected = [o.outputs[0].token_ids for o in generated]
     full = {name: p.nbytes for name, p in llm.engine.model.named_parameters()}
     reports = run_ranks(checkpoints[arch], CASES[arch], prompts, max_tokens, tmp_path)
     for case, ranks in reports.items():
         assert ranks[0]["outputs"] == expected, case
+        for scores, output in zip(ranks[0]["prompt_scores"], generated):
+            want = prompt_scores(output)
+            assert (scores is None) == (want is None), case
+            if want is not None:
+                assert [t for t, _ in scores] == [t for t, _ in want]
+                assert [lp for _, lp in scores] == pytest.approx([lp for _, lp in want], abs=1e-4), case
         for report in ranks:
             assert report["engine_freed"], case  # nothing keeps a stopped engine's model and cache alive
             held = {name: nbytes for name, (nbytes, _) in report["parameters"].items()}

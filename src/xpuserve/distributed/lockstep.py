@@ -30,22 +30,22 @@ STOP_LOCK_TIMEOUT_S = 10.0
 
 
 def encode(step: StepInput) -> list[int]:
-    out = [len(step.token_ids), len(step.slices), len(step.sample_rows), *step.token_ids]
+    out = [len(step.token_ids), len(step.slices), len(step.sample_rows), len(step.prompt_rows), *step.token_ids]
     for s in step.slices:
         out += [s.start, s.num_new, len(s.block_table), *s.block_table]
-    return out + list(step.sample_rows)
+    return out + list(step.sample_rows) + list(step.prompt_rows)
 
 
 def decode(values: list[int]) -> StepInput:
-    n_ids, n_seqs, n_rows = values[:3]
-    pos = 3 + n_ids
-    ids = values[3:pos]
+    n_ids, n_seqs, n_rows, n_prompt_rows = values[:4]
+    pos = 4 + n_ids
+    ids = values[4:pos]
     slices = []
     for _ in range(n_seqs):
         start, num_new, n_blocks = values[pos : pos + 3]
         slices.append(SequenceSlice(start, num_new, values[pos + 3 : pos + 3 + n_blocks]))
         pos += 3 + n_blocks
-    return StepInput(ids, slices, values[pos : pos + n_rows])
+    return StepInput(ids, slices, values[pos : pos + n_rows], values[pos + n_rows : pos + n_rows + n_prompt_rows])
 
 
 class StepChannel:

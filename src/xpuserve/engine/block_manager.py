@@ -67,8 +67,8 @@ class BlockManager:
         return num_new
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.num_unscored_prompt_tokens:
+            return []  # a prompt being scored must be computed, not looked up
         tokens = seq.token_ids
         # At least one token must be computed to produce logits, so never hit the whole sequence.
         hits, previous = [], None

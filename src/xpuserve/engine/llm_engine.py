@@ -177,7 +177,9 @@ class LLMEngine:
             SamplingRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_ids)
             for s in sampled
         ]
-        out = self.runner.run(batch, requests)
+        out, prompt_scores = self.runner.run(batch, requests)
+        for scores in prompt_scores:
+            scores.seq.prompt_logprobs.extend(scores.entries)
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(item.seq)
@@ -252,4 +254,6 @@ class LLMEngine:
             num_prompt_tokens=len(first.prompt_token_ids),
             num_cached_tokens=first.num_cached_tokens,
         )
-        return RequestOutput(request.request_id, request.prompt, first.prompt_token_ids, completions, request.finished, metrics)
+        prompt_logprobs = [None, *first.prompt_logprobs] if first.params.prompt_logprobs is not None else None
+        return RequestOutput(request.request_id, request.prompt, first.prompt_token_ids, completions, request.finished,
+                             metrics, prompt_logprobs)

@@ -61,3 +61,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: None for the first prompt token (nothing predicts it), then one per token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

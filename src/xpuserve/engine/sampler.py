@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xpuserve.engine.outputs import TokenLogprob
 from xpuserve.sampling_params import SamplingParams
 
 _NO_SAMPLING_CHANGES = SamplingParams()  # temperature 1, top_k / top_p / min_p off
@@ -188,6 +189,16 @@ def _logprobs(
             n = requests[i].params.logprobs
             top[i] = list(zip(row_ids[:n], row_values[:n]))
     return chosen, top
+
+
+def score_tokens(logits: torch.Tensor, token_ids: list[int], top: int) -> list[TokenLogprob]:
+    """Raw log-prob of token_ids[i] under row i of logits, with the row's `top` best alternatives."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    if top == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [TokenLogprob(t, lp, list(zip(i, v))) for t, lp, i, v in zip(token_ids, chosen, ids.tolist(), values.tolist())]
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:

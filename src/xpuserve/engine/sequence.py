@@ -35,7 +35,8 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    output_logprobs: list[dict] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token, if asked
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob of prompt tokens 1.., if asked
     finish_time: float | None = None
 
     @property
@@ -48,6 +49,13 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self) - self.num_computed_tokens
+
+    @property
+    def num_unscored_prompt_tokens(self) -> int:
+        """Prompt tokens still to be scored for prompt_logprobs (the request's first completion scores them)."""
+        if self.params.prompt_logprobs is None or self.index > 0:
+            return 0
+        return len(self.prompt_token_ids) - 1 - len(self.prompt_logprobs)
 
     @property
     def is_finished(self) -> bool:

@@ -100,7 +100,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     response_id = f"cmpl-{uuid.uuid4().hex}"
     streams = [
         Stream(request, "cmpl", tokenizer.encode(p) if isinstance(p, str) else p, params,
-               prompt_text=p if isinstance(p, str) else None, response_id=response_id, part=i)
+               prompt_text=p if isinstance(p, str) else None, response_id=response_id, part=i,
+               echo=body.echo, prompt_only=body.prompt_only)
         for i, p in enumerate(body.prompts())
     ]
     if body.stream:

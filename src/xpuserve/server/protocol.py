@@ -34,7 +34,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises ValueError naming the field if a value is out of range."""
         given = {
             k: v
@@ -48,6 +48,7 @@ class SamplingFields(BaseModel):
         return SamplingParams(
             n=self.n, seed=self.seed, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             **given,
         )
 
@@ -74,6 +75,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(union_mode="left_to_right")
     logprobs: int | None = None
+    echo: bool = False  # the prompt comes back before the completion; with logprobs, its tokens scored
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt (text or token ids) or a batch of them."""
@@ -81,4 +83,11 @@ class CompletionRequest(SamplingFields):
         return [self.prompt] if single else list(self.prompt)
 
     def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens if self.max_tokens is not None else 16, self.logprobs)
+        prompt_logprobs = self.logprobs if self.echo else None
+        max_tokens = 1 if self.prompt_only else self.max_tokens if self.max_tokens is not None else 16
+        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: score or return the prompt, generate nothing."""
+        return self.echo and self.max_tokens == 0

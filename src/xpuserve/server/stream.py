@@ -21,8 +21,11 @@ class Stream:
     """One request's run through the engine, shaped into OpenAI responses or SSE chunks."""
 
     def __init__(self, request: Request, prefix: str, prompt_ids: list[int], params: SamplingParams,
-                 reasoning: bool = False, prompt_text: str | None = None, response_id: str | None = None, part: int = 0):
-        """`part`: this prompt's place in a batch of completion prompts sharing `response_id`."""
+                 reasoning: bool = False, prompt_text: str | None = None, response_id: str | None = None, part: int = 0,
+                 echo: bool = False, prompt_only: bool = False):
+        """`part`: this prompt's place in a batch of completion prompts sharing `response_id`.
+        `echo`: completions start with the prompt; `prompt_only`: and end there (max_tokens 0: the
+        one token the engine generates is dropped, as vLLM does)."""
         self.state = request.app.state
         self.engine: AsyncEngine = self.state.engine
         try:
@@ -38,6 +41,7 @@ class Stream:
         self.model = self.state.config.served_model_name
         self.prompt_ids, self.params, self.reasoning = prompt_ids, params, reasoning
         self.prompt_text = prompt_text
+        self.echo, self.prompt_only = echo or prompt_only, prompt_only
         self.tokenizer = self.engine.engine.tokenizer
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
@@ -61,7 +65,7 @@ class Stream:
         raise APIError(503, "the request ended without output", code="engine_unavailable")
 
     def usage(self, output: RequestOutput) -> dict:
-        completion = sum(len(c.token_ids) for c in output.outputs)
+        completion = 0 if self.prompt_only else sum(len(c.token_ids) for c in output.outputs)
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
                 "total_tokens": len(self.prompt_ids) + completion,
                 "prompt_tokens_details": {"cached_tokens": output.metrics.num_cached_tokens}}
@@ -118,32 +122,49 @@ class Stream:
         return {"content": entries}
 
     def _top(self, token_id: int, logprob: float) -> dict:
-        token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        token = self._token(token_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     # ---- completions ----
     async def completion_response(self) -> dict:
         output = await self.final()
-        choices = [{"index": self.first_choice + c.index, "text": c.text, "logprobs": self._completion_logprobs(c, 0),
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+        choices = [self._completion_choice(output, c, c.text, 0, self.echo) for c in output.outputs]
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage(output)}
 
     async def completion_deltas(self) -> AsyncIterator[str]:
-        """The SSE chunks of this prompt's choices (the caller adds usage and [DONE])."""
-        async for _, choice, delta, new_tokens in self._deltas():
-            yield self.sse("text_completion", [{
-                "index": self.first_choice + choice.index, "text": delta,
-                "logprobs": self._completion_logprobs(choice, len(choice.token_ids) - new_tokens),
-                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}])
+        """The SSE chunks of this prompt's choices (the caller adds usage and [DONE]); with echo,
+        each choice's first chunk starts with the prompt."""
+        echoed = set()
+        async for output, choice, delta, new_tokens in self._deltas():
+            first = self.echo and choice.index not in echoed
+            echoed.add(choice.index)
+            chunk = self._completion_choice(output, choice, delta, len(choice.token_ids) - new_tokens, first)
+            yield self.sse("text_completion", [chunk])
 
-    def _completion_logprobs(self, c: CompletionOutput, start: int) -> dict | None:
-        if c.logprobs is None:
+    def _completion_choice(self, output: RequestOutput, c: CompletionOutput, text: str, start: int, with_prompt: bool) -> dict:
+        logprobs = self._completion_logprobs(c.logprobs[start:] if c.logprobs is not None else None)
+        if self.prompt_only:
+            text, logprobs = "", logprobs and {key: [] for key in logprobs}
+        if with_prompt:
+            text = (self.prompt_text if self.prompt_text is not None else self.tokenizer.decode(self.prompt_ids)) + text
+            if logprobs is not None:
+                prompt = self._completion_logprobs(output.prompt_logprobs)  # asked for with echo + logprobs
+                prompt["tokens"] = [self._token(t) for t in self.prompt_ids]  # the first one too
+                logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
+        return {"index": self.first_choice + c.index, "text": text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def _completion_logprobs(self, entries: list | None) -> dict | None:
+        """OpenAI's completions logprobs; an entry of None (the first prompt token) scores null."""
+        if entries is None:
             return None
-        entries = c.logprobs[start:]
-        tokens = [self.tokenizer.decode([e.token_id], skip_special_tokens=False) for e in entries]
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._top(t, lp)["token"]: lp for t, lp in e.top} for e in entries]}
+        return {"tokens": [self._token(e.token_id) if e else None for e in entries],
+                "token_logprobs": [e.logprob if e else None for e in entries],
+                "top_logprobs": [{self._token(t): lp for t, lp in e.top} if e else None for e in entries]}
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ---- shared ----
     async def _deltas(self) -> AsyncIterator[tuple[RequestOutput, CompletionOutput, str, int]]:
