@@ -106,6 +106,33 @@ def test_a_batch_with_one_bad_prompt_is_refused_whole(server):
     assert not engine.has_unfinished_requests()  # nothing of it started
 
 
+def test_logit_bias_forces_and_bans_tokens(client, server):
+    tokenizer = server[1].tokenizer
+    kwargs = dict(model=MODEL_NAME, prompt=[9, 10, 11], max_tokens=6, temperature=0, logprobs=1)
+    forced = client.completions.create(logit_bias={"42": 100}, **kwargs).choices[0]
+    assert forced.text == tokenizer.decode([42] * 6)
+    plain = client.completions.create(**kwargs).choices[0]
+    first = tokenizer.encode(plain.logprobs.tokens[0], add_special_tokens=False)[0]
+    banned = client.completions.create(logit_bias={str(first): -100}, **kwargs).choices[0]
+    assert banned.logprobs.tokens[0] != plain.logprobs.tokens[0]
+    # logprobs stay the model's own (vLLM's raw logprobs), bias or not
+    assert forced.logprobs.token_logprobs[0] < plain.logprobs.token_logprobs[0]
+
+
+def test_tokenize_detokenize_version(server):
+    url, engine = server
+    tokenized = httpx.post(url + "/tokenize", json={"model": MODEL_NAME, "prompt": "hello"}).json()
+    assert tokenized["tokens"] == engine.tokenizer.encode("hello") and tokenized["count"] == len(tokenized["tokens"])
+    assert tokenized["max_model_len"] == engine.max_model_len
+    chat = httpx.post(url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    prompt = engine.tokenizer.apply_chat_template(MESSAGES, True)
+    assert chat == engine.tokenizer.encode(prompt, add_special_tokens=False)
+    assert httpx.post(url + "/detokenize", json={"tokens": chat}).json()["prompt"] == engine.tokenizer.decode(chat, skip_special_tokens=False)
+    assert httpx.post(url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
+    assert httpx.post(url + "/tokenize", json={}).status_code == 400
+    assert httpx.get(url + "/version").json()["version"]
+
+
 def test_chat_logprobs(client):
     response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0, max_tokens=5,
                                               logprobs=True, top_logprobs=3)
@@ -206,6 +233,9 @@ BAD_REQUESTS = [
     (400, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "max_tokens": 10**6}, "max_model_len"),
     (400, "/v1/completions", {"model": MODEL_NAME, "prompt": [10**6]}, "token ids"),
     (404, "/v1/completions", {"model": "gpt-4", "prompt": "x"}, "does not exist"),
+    (400, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
+    (400, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    (400, "/v1/completions", {"model": MODEL_NAME, "prompt": "x", "logit_bias": {"1000000": 1}}, "logit_bias"),
 ]
 
 

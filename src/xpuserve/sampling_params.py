@@ -23,6 +23,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # a single str is accepted too
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     logprobs: int | None = None  # number of top alternatives returned besides the chosen token
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring a text)
     skip_special_tokens: bool = True
@@ -35,6 +36,7 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
         self._validate()
 
     def _validate(self) -> None:
@@ -53,6 +55,7 @@ class SamplingParams:
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             f"min_tokens must be at most max_tokens={self.max_tokens}, got {self.min_tokens}",
         )
+        _check(all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or 0 <= value <= MAX_LOGPROBS, f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")

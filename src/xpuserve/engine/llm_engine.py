@@ -130,6 +130,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "

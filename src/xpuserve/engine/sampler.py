@@ -1,6 +1,6 @@
 """Turns the last-position logits of each running sequence into next tokens.
 
-Order of processing, as in vLLM: min_tokens masking, repetition / frequency / presence
+Order of processing, as in vLLM: min_tokens masking, logit_bias, repetition / frequency / presence
 penalties, then greedy rows take the argmax; the others are divided by their temperature,
 masked by top_k, top_p and min_p (in that order) and sampled.
 
@@ -46,7 +46,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplerOutput:
         """logits [B, V] of the last position of each request -> one token per request."""
         raw = logits.float()
-        logits = apply_penalties(apply_min_tokens(raw, requests), requests)
+        logits = apply_penalties(apply_logit_bias(apply_min_tokens(raw, requests), requests), requests)
         greedy = [r.params.greedy for r in requests]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
@@ -98,6 +98,21 @@ def apply_min_tokens(logits: torch.Tensor, requests: list[SamplingRequest]) -> t
         return logits
     logits = logits.clone()
     logits[rows, cols] = float("-inf")
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Adds each request's logit_bias to its row (OpenAI's semantics: -100 bans a token, 100 all but forces it)."""
+    rows, cols, values = [], [], []
+    for i, r in enumerate(requests):
+        for token, bias in r.params.logit_bias.items():
+            rows.append(i)
+            cols.append(token)
+            values.append(bias)
+    if not rows:
+        return logits
+    logits = logits.clone()
+    logits[rows, cols] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
     return logits
 
 

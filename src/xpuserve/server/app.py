@@ -16,7 +16,8 @@ from xpuserve.sampling_params import SamplingParams
 from xpuserve.server.errors import APIError, error_body, error_response
 from xpuserve.server.metrics import Metrics
 from xpuserve.server.middleware import RequestGuard
-from xpuserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from xpuserve import __version__
+from xpuserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from xpuserve.server.stream import Stream
 from xpuserve.tokenizer import ChatTemplateError
 
@@ -41,6 +42,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/version", version, methods=["GET"])
     return app
 
 
@@ -72,17 +76,46 @@ async def models(request: Request) -> dict:
     }
 
 
+async def version(request: Request) -> dict:
+    return {"version": __version__}
+
+
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    state = request.app.state
+    _check_model(body.model, state.config)
+    engine = state.engine.engine
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either 'prompt' or 'messages'", "prompt")
+    if body.prompt is not None:
+        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        tokens = engine.tokenizer.encode(_render_chat(state, body.messages, body.add_generation_prompt), add_special_tokens=False)
+    return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+
+
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    state = request.app.state
+    _check_model(body.model, state.config)
+    vocab = state.engine.engine.model_config.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+    return {"prompt": state.engine.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+def _render_chat(state, messages, add_generation_prompt: bool) -> str:
+    try:
+        return state.engine.engine.tokenizer.apply_chat_template(
+            [m.model_dump(exclude_none=True) for m in messages], add_generation_prompt, state.config.chat_template)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), "messages") from None
+
+
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = request.app.state
     _check_model(body.model, state.config)
     params = _sampling_params(body)
-    tokenizer = state.engine.engine.tokenizer
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    try:
-        prompt = tokenizer.apply_chat_template(messages, body.add_generation_prompt, state.config.chat_template)
-    except ChatTemplateError as e:
-        raise APIError(400, str(e), "messages") from None
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    prompt = _render_chat(state, body.messages, body.add_generation_prompt)
+    prompt_ids = state.engine.engine.tokenizer.encode(prompt, add_special_tokens=False)
     stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

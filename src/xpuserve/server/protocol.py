@@ -28,6 +28,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token ids as strings
     max_tokens: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -45,8 +46,12 @@ class SamplingFields(BaseModel):
             ).items()
             if v is not None
         }
+        try:
+            logit_bias = {int(t): b for t, b in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids") from None
         return SamplingParams(
-            n=self.n, seed=self.seed, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+            n=self.n, seed=self.seed, logit_bias=logit_bias, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             max_tokens=max_tokens, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             **given,
@@ -91,3 +96,18 @@ class CompletionRequest(SamplingFields):
     def prompt_only(self) -> bool:
         """echo with max_tokens 0: score or return the prompt, generate nothing."""
         return self.echo and self.max_tokens == 0
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
