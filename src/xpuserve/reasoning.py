@@ -35,7 +35,7 @@ class ReasoningParser:
         if self.in_thought:
             end = text.find(THINK_END)
             if end < 0:
-                keep = _partial_suffix(text, THINK_END)
+                keep = partial_suffix(text, THINK_END)
                 self.pending = text[len(text) - keep :]
                 return text[: len(text) - keep], ""
             reasoning, text = text[:end], text[end + len(THINK_END) :]
@@ -59,7 +59,7 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return r1 + r2, c1 + c2
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

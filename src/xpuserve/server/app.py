@@ -102,10 +102,10 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     return {"prompt": state.engine.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
-def _render_chat(state, messages, add_generation_prompt: bool) -> str:
+def _render_chat(state, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     try:
         return state.engine.engine.tokenizer.apply_chat_template(
-            [m.model_dump(exclude_none=True) for m in messages], add_generation_prompt, state.config.chat_template)
+            [m.model_dump(exclude_none=True) for m in messages], add_generation_prompt, state.config.chat_template, tools=tools)
     except ChatTemplateError as e:
         raise APIError(400, str(e), "messages") from None
 
@@ -114,9 +114,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state = request.app.state
     _check_model(body.model, state.config)
     params = _sampling_params(body)
-    prompt = _render_chat(state, body.messages, body.add_generation_prompt)
+    prompt = _render_chat(state, body.messages, body.add_generation_prompt, body.tools)
     prompt_ids = state.engine.engine.tokenizer.encode(prompt, add_special_tokens=False)
-    stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning)
+    stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning,
+                    tools=bool(body.tools) and body.tool_choice == "auto")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await respond(stream.chat_chunks(include_usage))

@@ -71,6 +71,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[dict] | None = None  # rendered by the chat template; calls come back as message.tool_calls
+    tool_choice: Literal["auto", "none"] = "auto"  # forcing a call ("required", a named function) is not supported
 
     def to_sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

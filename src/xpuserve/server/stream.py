@@ -12,7 +12,8 @@ from fastapi import Request
 from xpuserve.detokenizer import StopChecker
 from xpuserve.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from xpuserve.engine.outputs import CompletionOutput, RequestOutput
-from xpuserve.reasoning import ReasoningParser
+from xpuserve.reasoning import ReasoningParser, split_reasoning
+from xpuserve.tool_calls import ToolCallParser, split_tool_calls
 from xpuserve.sampling_params import SamplingParams
 from xpuserve.server.errors import APIError
 
@@ -22,10 +23,10 @@ class Stream:
 
     def __init__(self, request: Request, prefix: str, prompt_ids: list[int], params: SamplingParams,
                  reasoning: bool = False, prompt_text: str | None = None, response_id: str | None = None, part: int = 0,
-                 echo: bool = False, prompt_only: bool = False):
+                 echo: bool = False, prompt_only: bool = False, tools: bool = False):
         """`part`: this prompt's place in a batch of completion prompts sharing `response_id`.
         `echo`: completions start with the prompt; `prompt_only`: and end there (max_tokens 0: the
-        one token the engine generates is dropped, as vLLM does)."""
+        one token the engine generates is dropped, as vLLM does). `tools`: read tool calls out of chat output."""
         self.state = request.app.state
         self.engine: AsyncEngine = self.state.engine
         try:
@@ -42,6 +43,7 @@ class Stream:
         self.prompt_ids, self.params, self.reasoning = prompt_ids, params, reasoning
         self.prompt_text = prompt_text
         self.echo, self.prompt_only = echo or prompt_only, prompt_only
+        self.tools = tools
         self.tokenizer = self.engine.engine.tokenizer
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
@@ -75,38 +77,52 @@ class Stream:
         output = await self.final()
         choices = []
         for c in output.outputs:
-            message = {"role": "assistant", "content": c.text}
+            reasoning, content = split_reasoning(c.text) if self.reasoning else (None, c.text)
+            calls = []
+            if self.tools:
+                content, calls = split_tool_calls(content)
+            message = {"role": "assistant", "content": content.strip() or None if calls else content}
             if self.reasoning:
-                parser = ReasoningParser()
-                r1, c1 = parser.feed(c.text)
-                r2, c2 = parser.finish()
-                message = {"role": "assistant", "content": c1 + c2, "reasoning_content": r1 + r2}
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = [call.to_openai() for call in calls]
             choices.append({"index": c.index, "message": message, "logprobs": self._chat_logprobs(c, 0),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                            "finish_reason": "tool_calls" if calls else c.finish_reason, "stop_reason": c.stop_reason})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage(output)}
 
     async def chat_chunks(self, include_usage: bool) -> AsyncIterator[str]:
         n = self.params.n
         parsers = [ReasoningParser() if self.reasoning else None for _ in range(n)]
+        tool_parsers = [ToolCallParser() if self.tools else None for _ in range(n)]
         yield self.sse("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None} for i in range(n)])
         async for output, choice, delta, new_tokens in self._deltas():
-            parser = parsers[choice.index]
-            message = {"content": delta}
+            parser, tool_parser = parsers[choice.index], tool_parsers[choice.index]
+            finished = choice.finish_reason is not None
+            reasoning, content = parser.feed(delta) if parser is not None else ("", delta)
+            if parser is not None and finished:
+                r, c = parser.finish()
+                reasoning, content = reasoning + r, content + c
+            message = {"content": content}
             if parser is not None:
-                reasoning, content = parser.feed(delta)
-                if choice.finish_reason is not None:
-                    r, c = parser.finish()
-                    reasoning, content = reasoning + r, content + c
-                message = {"content": content, "reasoning_content": reasoning}
-            message = {k: v for k, v in message.items() if v} if choice.finish_reason is None else message
-            if not message and choice.finish_reason is None and not new_tokens:
+                message["reasoning_content"] = reasoning
+            finish_reason = choice.finish_reason
+            if tool_parser is not None:
+                first_call = tool_parser.num_calls
+                message["content"], calls = tool_parser.feed(content)
+                if finished:
+                    message["content"] += tool_parser.finish()
+                    finish_reason = "tool_calls" if tool_parser.num_calls else finish_reason
+                if calls:
+                    message["tool_calls"] = [{"index": first_call + i, **call.to_openai()} for i, call in enumerate(calls)]
+            message = {k: v for k, v in message.items() if v} if not finished else message
+            if not message and not finished and not new_tokens:
                 continue
             yield self.sse("chat.completion.chunk", [{
                 "index": choice.index, "delta": message,
                 "logprobs": self._chat_logprobs(choice, len(choice.token_ids) - new_tokens),
-                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}])
+                "finish_reason": finish_reason, "stop_reason": choice.stop_reason}])
         if include_usage:
             yield self.sse("chat.completion.chunk", [], usage=self.usage(output))
         yield "data: [DONE]\n\n"
