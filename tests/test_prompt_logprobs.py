@@ -11,6 +11,7 @@ import pytest
 from oracle import make_checkpoint, random_prompts, reference_logits, write_char_tokenizer
 from server_fixture import MODEL_NAME, running_server
 from xpuserve import LLM, SamplingParams
+from xpuserve.engine import runner
 
 TOP = 3
 LENGTHS = [2, 5, 23, 40, 61]
@@ -48,8 +49,9 @@ def assert_scores_equal_reference(output, prompt, logprobs) -> None:
     ],
     ids=["one_step", "chunked", "preempted"],
 )
-def test_prompt_logprobs_equal_transformers(case, engine_args):
+def test_prompt_logprobs_equal_transformers(case, engine_args, monkeypatch):
     path, prompts, expected = case
+    monkeypatch.setattr(runner, "SCORE_ROWS", 7)  # several passes of the head per step
     if engine_args.get("kv_cache_memory") == "tiny":
         per_token = LLM(path, dtype="float32", device="cpu").engine.kv_bytes_per_token
         engine_args = dict(engine_args, kv_cache_memory=24 * 4 * per_token)  # 96 tokens for 131 prompt + 150 output tokens
@@ -103,7 +105,9 @@ def test_echo_with_logprobs_scores_a_batch_of_token_prompts(case):
         for position in range(1, len(prompt)):
             assert lp.token_logprobs[position] == pytest.approx(logprobs[position - 1][prompt[position]].item(), abs=1e-4)
             best = logprobs[position - 1].max().item()
-            assert list(lp.top_logprobs[position].values()) == [pytest.approx(best, abs=1e-4)]
+            top = lp.top_logprobs[position]  # the best token and, if another, the prompt's own
+            assert max(top.values()) == pytest.approx(best, abs=1e-4) and len(top) <= 2
+            assert top[lp.tokens[position]] == lp.token_logprobs[position]
         assert lp.tokens[: len(prompt)] == [tokenizer.decode([t], skip_special_tokens=False) for t in prompt]
         assert lp.token_logprobs[-1] == pytest.approx(single.choices[0].logprobs.token_logprobs[0], abs=1e-5)
     assert response.usage.prompt_tokens == sum(len(p) for p in prompts[:3])

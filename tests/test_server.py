@@ -69,7 +69,9 @@ def test_completions_n2_seed_logprobs(client, server):
     assert len(first.choices) == 2 and first.choices[0].text != first.choices[1].text
     logprobs = first.choices[0].logprobs
     assert len(logprobs.token_logprobs) == 10 and all(lp <= 0 for lp in logprobs.token_logprobs)
-    assert all(len(top) == 2 for top in logprobs.top_logprobs)
+    for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == lp  # the chosen token is always there, besides the best two
+        assert len(top) == 2 or (len(top) == 3 and lp == min(top.values()))
     assert first.usage.prompt_tokens == 4 and first.usage.completion_tokens == 20
 
 
@@ -95,6 +97,27 @@ def test_completions_batch_of_prompts_equals_each_alone(client, server):
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert [streamed[i] for i in range(6)] == [c.text for c in batch.choices]
     assert usage.completion_tokens == 36 and usage.prompt_tokens == batch.usage.prompt_tokens
+
+
+def test_numeric_strings_are_text_prompts_and_echo_only_ignores_min_tokens(client):
+    batch = client.completions.create(model=MODEL_NAME, prompt=["1", "2", "3"], max_tokens=2, temperature=0)
+    assert len(batch.choices) == 3 and batch.usage.prompt_tokens == 3
+    scored = client.completions.create(model=MODEL_NAME, prompt="abc", echo=True, max_tokens=0, logprobs=0, extra_body={"min_tokens": 2})
+    assert scored.choices[0].text == "abc" and scored.usage.completion_tokens == 0
+
+
+def test_a_client_that_hangs_up_stops_its_unstreamed_batch(server):
+    url, engine = server
+    body = {"model": MODEL_NAME, "prompt": [[3] * 20, [4] * 20, [5] * 20], "max_tokens": 450, "ignore_eos": True}
+    computed = engine.runner.num_tokens_computed
+    with pytest.raises(httpx.ReadTimeout):  # the whole batch takes seconds here
+        httpx.post(url + "/v1/completions", json=body, timeout=0.5)
+    for _ in range(100):
+        if not engine.requests and engine.block_manager.num_free_blocks == len(engine.block_manager.blocks):
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert not engine.requests and engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+    assert engine.runner.num_tokens_computed - computed < 3 * 450  # stopped long before max_tokens
 
 
 def test_a_batch_with_one_bad_prompt_is_refused_whole(server):
@@ -204,8 +227,10 @@ def test_64_concurrent_streams_and_metrics(server, client):
 @pytest.mark.parametrize("prompt", [[3] * 40, [[3] * 40, [4] * 30]], ids=["one_prompt", "batch"])
 def test_disconnect_mid_stream_frees_blocks(server, prompt):
     url, engine = server
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
+    computed = engine.runner.num_tokens_computed
     with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+        assert response.status_code == 200
         for i, _ in enumerate(response.iter_lines()):
             if i == 6:
                 break  # leave mid-stream: closing the connection must abort the request
@@ -215,6 +240,7 @@ def test_disconnect_mid_stream_frees_blocks(server, prompt):
         asyncio.run(asyncio.sleep(0.05))
     assert not engine.requests
     assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+    assert engine.runner.num_tokens_computed - computed < 450  # aborted, not run to max_tokens
 
 
 def _metric(url: str, name: str) -> float:
@@ -278,6 +304,11 @@ def test_overload_gives_429_with_retry_after(model_dir):
     with running_server(model_dir, max_waiting=0) as (url, _):
         response = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2})
         assert response.status_code == 429 and response.headers["retry-after"]
+    with running_server(model_dir, max_waiting=2) as (url, engine):
+        body = {"model": MODEL_NAME, "prompt": ["a", "b", "c"], "max_tokens": 2}
+        response = httpx.post(url + "/v1/completions", json=body)  # can never fit: not a "retry later"
+        assert response.status_code == 400 and "send smaller batches" in response.json()["error"]["message"]
+        assert httpx.post(url + "/v1/completions", json={**body, "prompt": ["a", "b"]}).status_code == 200
 
 
 def test_split_reasoning_is_stream_safe():

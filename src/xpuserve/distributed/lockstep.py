@@ -26,7 +26,6 @@ from xpuserve.models.context import SequenceSlice
 
 STEP, HEARTBEAT, STOP = 0, 1, 2
 HEARTBEAT_S = 2.0
-STOP_LOCK_TIMEOUT_S = 10.0
 
 
 def encode(step: StepInput) -> list[int]:
@@ -85,17 +84,16 @@ class StepChannel:
                 return decode(payload.tolist())
 
     def close(self) -> None:
-        """Tell the followers to stop (driver). Bounded: a step stuck on a dead peer is left to the watchdog."""
+        """Tell the followers to stop (driver), after the step in flight however long it takes: a
+        step stuck on a dead or frozen peer ends the process through the watchdogs instead."""
         if self._closed.is_set():
             return
         self._closed.set()
-        if self.lock.acquire(timeout=STOP_LOCK_TIMEOUT_S):
+        with self.lock:
             try:
                 self._broadcast(STOP, [])
             except Exception as e:  # noqa: BLE001 - a follower already gone; this rank is stopping anyway
                 print(f"xpuserve: {liveness.who_stopped()}; rank 0 could not tell it to stop ({e})", file=sys.stderr, flush=True)
-            finally:
-                self.lock.release()
 
     def _broadcast(self, kind: int, payload: list[int]) -> None:
         dist.broadcast(torch.tensor([kind, len(payload)], dtype=torch.int64, device=self.device), src=0)

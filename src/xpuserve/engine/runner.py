@@ -17,6 +17,10 @@ from xpuserve.models.context import ForwardContext, SequenceSlice
 from xpuserve.models.decoder import CausalLM
 
 
+# Prompt rows scored per pass of the head: [512, vocab] float32 logits are 265 MB for R1's 129,280 tokens.
+SCORE_ROWS = 512
+
+
 class ModelRunner:
     """`channel`, when serving across ranks, carries each step from the driver to the other ranks."""
 
@@ -36,29 +40,39 @@ class ModelRunner:
         sequences that asked for prompt_logprobs."""
         step, to_score = prepare(batch)
         self.num_tokens_computed += len(step.token_ids)
+        next_tokens = [t for _, tokens in to_score for t in tokens]
+        top = max((seq.params.prompt_logprobs for seq, _ in to_score), default=0)
+
+        def score(logits: torch.Tensor, first: int) -> list[TokenLogprob]:
+            return score_tokens(logits, next_tokens[first : first + len(logits)], top)
+
         with self.channel.send(step) if self.channel is not None else nullcontext():
-            logits = self.execute(step)
-        if logits is None:
-            return None, []
-        sampled = len(step.sample_rows)
-        out = self.sampler(logits[:sampled], requests) if sampled else None
-        scores, row = [], sampled
-        for seq, next_tokens in to_score:
-            entries = score_tokens(logits[row : row + len(next_tokens)], next_tokens, seq.params.prompt_logprobs)
-            scores.append(PromptScores(seq, entries))
-            row += len(next_tokens)
+            logits, entries = self.execute(step, score)
+        out = self.sampler(logits, requests) if logits is not None else None
+        scores, first = [], 0
+        for seq, tokens in to_score:
+            k = seq.params.prompt_logprobs
+            scores.append(PromptScores(seq, [TokenLogprob(e.token_id, e.logprob, e.top[:k]) for e in entries[first : first + len(tokens)]]))
+            first += len(tokens)
         return out, scores
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """The forward pass every rank runs: float32 logits of the sampled rows, then of the
-        prompt-scoring rows; None when there are neither."""
+    def execute(self, step: StepInput, score=None) -> tuple[torch.Tensor | None, list[TokenLogprob]]:
+        """The forward pass every rank runs. Returns the float32 logits of the sampled rows (None
+        when there are none) and what `score` (the driver's) makes of the prompt-scoring rows'
+        logits, SCORE_ROWS at a time: all of them at once could be gigabytes."""
         ctx = ForwardContext.build(step.slices, self.block_size, self.device)
         hidden = self.model(torch.tensor(step.token_ids, device=self.device), ctx)
-        rows = step.sample_rows + step.prompt_rows
-        if not rows:
-            return None
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        logits = None
+        if step.sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)]).float()
+        entries = []
+        for first in range(0, len(step.prompt_rows), SCORE_ROWS):
+            rows = torch.tensor(step.prompt_rows[first : first + SCORE_ROWS], device=self.device)
+            chunk = self.model.compute_logits(hidden[rows])  # on every rank: the head's collectives line up
+            if score is not None:
+                entries += score(chunk, first)
+        return logits, entries
 
 
 @dataclass

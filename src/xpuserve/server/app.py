@@ -22,6 +22,9 @@ from xpuserve.server.stream import Stream
 from xpuserve.tokenizer import ChatTemplateError
 
 
+DISCONNECT_POLL_S = 0.25  # how often a request without a stream checks that its client is still there
+
+
 @dataclass
 class ServerConfig:
     served_model_name: str
@@ -121,7 +124,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await respond(stream.chat_chunks(include_usage))
-    return JSONResponse(await stream.chat_response())
+    [response] = await gather_or_cancel(request, [stream.chat_response()])
+    return JSONResponse(response)
 
 
 async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -131,17 +135,21 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     _check_model(body.model, state.config)
     params = _sampling_params(body)
     tokenizer = state.engine.engine.tokenizer
+    prompts = body.prompts()
+    if 1 < len(prompts) > state.engine.max_waiting:  # would be refused with 429 however long the client waited
+        raise APIError(400, f"a batch of {len(prompts)} prompts is more than this server queues ({state.engine.max_waiting}); "
+                            "send smaller batches", "prompt")
     response_id = f"cmpl-{uuid.uuid4().hex}"
     streams = [
         Stream(request, "cmpl", tokenizer.encode(p) if isinstance(p, str) else p, params,
                prompt_text=p if isinstance(p, str) else None, response_id=response_id, part=i,
                echo=body.echo, prompt_only=body.prompt_only)
-        for i, p in enumerate(body.prompts())
+        for i, p in enumerate(prompts)
     ]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await respond(completion_chunks(streams, include_usage))
-    responses = await gather_or_cancel([s.completion_response() for s in streams])
+    responses = await gather_or_cancel(request, [s.completion_response() for s in streams])
     return JSONResponse({**responses[0], "choices": [c for r in responses for c in r["choices"]],
                          "usage": sum_usage([r["usage"] for r in responses])})
 
@@ -172,11 +180,17 @@ async def respond(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-async def gather_or_cancel(awaitables: list[Awaitable]) -> list:
-    """All results, or the first error with the rest cancelled (their engine requests aborted)."""
+async def gather_or_cancel(request: Request, awaitables: list[Awaitable]) -> list:
+    """All results, or the first error with the rest cancelled (their engine requests aborted).
+    A client that hangs up cancels them too: nobody is left to read the answer."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
-        return await asyncio.gather(*tasks)
+        while True:
+            done, _ = await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION)
+            if len(done) == len(tasks) or any(not t.cancelled() and t.exception() is not None for t in done):
+                return await asyncio.gather(*tasks)
+            if await request.is_disconnected():
+                raise APIError(400, "the client disconnected")
     finally:
         for task in tasks:
             task.cancel()

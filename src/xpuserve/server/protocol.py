@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xpuserve.sampling_params import SamplingParams
 
@@ -80,7 +80,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(union_mode="left_to_right")
+    # Strict ints: ["1", "2"] is a batch of two text prompts, not the token ids 1 and 2.
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = Field(union_mode="left_to_right")
     logprobs: int | None = None
     echo: bool = False  # the prompt comes back before the completion; with logprobs, its tokens scored
 
@@ -91,6 +92,8 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         prompt_logprobs = self.logprobs if self.echo else None
+        if self.prompt_only:  # the one token generated is dropped: nothing for min_tokens to hold back
+            self.min_tokens = 0
         max_tokens = 1 if self.prompt_only else self.max_tokens if self.max_tokens is not None else 16
         return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 

@@ -163,7 +163,8 @@ class Stream:
         if self.prompt_only:
             text, logprobs = "", logprobs and {key: [] for key in logprobs}
         if with_prompt:
-            text = (self.prompt_text if self.prompt_text is not None else self.tokenizer.decode(self.prompt_ids)) + text
+            prompt = self.prompt_text if self.prompt_text is not None else self.tokenizer.decode(self.prompt_ids, skip_special_tokens=False)
+            text = prompt + text
             if logprobs is not None:
                 prompt = self._completion_logprobs(output.prompt_logprobs)  # asked for with echo + logprobs
                 prompt["tokens"] = [self._token(t) for t in self.prompt_ids]  # the first one too
@@ -172,12 +173,15 @@ class Stream:
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
     def _completion_logprobs(self, entries: list | None) -> dict | None:
-        """OpenAI's completions logprobs; an entry of None (the first prompt token) scores null."""
+        """OpenAI's completions logprobs; an entry of None (the first prompt token) scores null.
+        Each top_logprobs entry holds the best `logprobs` tokens and always the chosen one (so up
+        to logprobs + 1), as OpenAI's legacy API and vLLM give them."""
         if entries is None:
             return None
         return {"tokens": [self._token(e.token_id) if e else None for e in entries],
                 "token_logprobs": [e.logprob if e else None for e in entries],
-                "top_logprobs": [{self._token(t): lp for t, lp in e.top} if e else None for e in entries]}
+                "top_logprobs": [{**{self._token(t): lp for t, lp in e.top}, self._token(e.token_id): e.logprob} if e else None
+                                 for e in entries]}
 
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
