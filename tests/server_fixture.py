@@ -48,9 +48,9 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(model_dir: Path, **server_args):
-    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu", block_size=4,
-                                    **server_args.pop("engine_args", {})))
-    async_engine = AsyncEngine(engine, max_waiting=server_args.pop("max_waiting", 1024))
+    config = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", block_size=4, **server_args.pop("engine_args", {}))
+    async_engine = AsyncEngine(lambda: LLMEngine(config), max_waiting=server_args.pop("max_waiting", 1024))
+    engine = async_engine.engine
     config = ServerConfig(served_model_name=MODEL_NAME, reasoning=True, **server_args)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(async_engine, config), host="127.0.0.1", port=port, log_level="warning"))

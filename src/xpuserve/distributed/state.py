@@ -68,6 +68,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """RANK as torchrun sets it; 0 when started as a plain process."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def rank_device(platform: Platform, device: str) -> str:
     """The device this rank loads onto: with several ranks, the accelerator of its LOCAL_RANK."""
     device = platform.name if device == "auto" else device

@@ -12,6 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from xpuserve.config import EngineConfig
+from xpuserve.distributed.state import launched_rank
 from xpuserve.engine.async_engine import AsyncEngine
 from xpuserve.engine.llm_engine import LLMEngine
 from xpuserve.reasoning import THINK_END, THINK_START
@@ -60,11 +61,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def serve(model: str, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    engine = LLMEngine(engine_config(model, args))
-    if not engine.parallel.is_driver:
+    config = engine_config(model, args)
+    if launched_rank() > 0:
+        engine = LLMEngine(config)
         print(f"xpuserve: rank {engine.parallel.rank} (pid {os.getpid()}) follows rank 0", flush=True)
         engine.run_worker()
         return
+    async_engine = AsyncEngine(lambda: LLMEngine(config), max_waiting=args.max_waiting_requests)
+    engine = async_engine.engine
     chat_template = Path(args.chat_template).read_text() if args.chat_template else None
     if chat_template is not None:
         render_chat_template(chat_template, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
@@ -74,7 +78,6 @@ def serve(model: str, args: argparse.Namespace) -> None:
         reasoning=reasoning_enabled(args.reasoning_parser, engine),
         chat_template=chat_template,
     )
-    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting_requests)
     app = build_app(async_engine, config)
     weights = engine.model.model.embed_tokens.weight
     print(
