@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from server_fixture import build_reasoning_checkpoint, free_port, running_server
+from oracle import write_char_tokenizer
 from xpuserve.bench.dataset import token_id_range
 from xpuserve.bench.report import summary_of, table
 from xpuserve.bench.run import BenchConfig, arrival_times, run_benchmark
@@ -155,3 +156,8 @@ def test_token_ids_come_from_the_tokenizer_vocabulary(model_dir, tmp_path):
     assert token_id_range(None) == (3, 256)
     with pytest.raises(FileNotFoundError):
         token_id_range(str(tmp_path / "missing"))
+    padded = tmp_path / "padded"  # a checkpoint with more embedding rows than its tokenizer has tokens
+    padded.mkdir()
+    (padded / "config.json").write_text(json.dumps({"vocab_size": 256}))
+    write_char_tokenizer(padded, 200)
+    assert token_id_range(str(padded)) == (3, 200)

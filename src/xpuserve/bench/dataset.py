@@ -25,12 +25,14 @@ def token_id_range(tokenizer_dir: str | None) -> tuple[int, int]:
         return DEFAULT_TOKEN_IDS
     folder = Path(tokenizer_dir)
     config = folder / "config.json"
-    if config.is_file():
-        vocab = json.loads(config.read_text()).get("vocab_size")
-    elif (folder / "tokenizer.json").is_file():
+    # The tokenizer's own size first: a checkpoint's vocab_size is often padded (R1: 129,280 rows for
+    # ~128.8k tokens), and servers may refuse ids that no token has.
+    if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    elif config.is_file():
+        vocab = json.loads(config.read_text()).get("vocab_size")
     else:
         raise FileNotFoundError(f"--tokenizer {tokenizer_dir}: no config.json or tokenizer.json there")
     if not isinstance(vocab, int) or vocab <= FIRST_TOKEN_ID:
