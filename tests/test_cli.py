@@ -43,3 +43,11 @@ def test_missing_config_is_one_line_error(tmp_path):
     assert len(lines) == 1, result.stderr
     assert "config.json" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    proc = subprocess.Popen([sys.executable, "-m", "xpuserve", "plan", "deepseek-r1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head` does once it has what it wants
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

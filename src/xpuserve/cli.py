@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from xpuserve.bench.client import EndpointError
@@ -159,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except USER_ERRORS as e:
         print(f"xpuserve: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`xpuserve plan ... | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no flush error at exit
     return 0
