@@ -73,6 +73,12 @@ def test_completions_n2_seed_logprobs(client, server):
         assert top[token] == lp  # the chosen token is always there, besides the best two
         assert len(top) == 2 or (len(top) == 3 and lp == min(top.values()))
     assert first.usage.prompt_tokens == 4 and first.usage.completion_tokens == 20
+    # text_offset: where each token starts in the text, also across a stream's chunks
+    assert "".join(logprobs.tokens) == first.choices[0].text
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(10)]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**{**kwargs, "n": 1}, stream=True) if c.choices]
+    tokens = [t for lp in streamed for t in lp.tokens]
+    assert [o for lp in streamed for o in lp.text_offset] == [len("".join(tokens[:i])) for i in range(10)]
 
 
 def test_completions_batch_of_prompts_equals_each_alone(client, server):

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from itertools import accumulate
 
 from fastapi import Request
 
@@ -151,14 +152,17 @@ class Stream:
     async def completion_deltas(self) -> AsyncIterator[str]:
         """The SSE chunks of this prompt's choices (the caller adds usage and [DONE]); with echo,
         each choice's first chunk starts with the prompt."""
-        echoed = set()
+        sent: dict[int, int] = {}  # characters of text sent so far, per choice
         async for output, choice, delta, new_tokens in self._deltas():
-            first = self.echo and choice.index not in echoed
-            echoed.add(choice.index)
-            chunk = self._completion_choice(output, choice, delta, len(choice.token_ids) - new_tokens, first)
+            first = self.echo and choice.index not in sent
+            offset = sent.get(choice.index, 0)
+            chunk = self._completion_choice(output, choice, delta, len(choice.token_ids) - new_tokens, first, offset)
+            sent[choice.index] = offset + len(chunk["text"])
             yield self.sse("text_completion", [chunk])
 
-    def _completion_choice(self, output: RequestOutput, c: CompletionOutput, text: str, start: int, with_prompt: bool) -> dict:
+    def _completion_choice(self, output: RequestOutput, c: CompletionOutput, text: str, start: int, with_prompt: bool,
+                           offset: int = 0) -> dict:
+        """`offset`: where `text` starts in the choice's whole text (streaming), for text_offset."""
         logprobs = self._completion_logprobs(c.logprobs[start:] if c.logprobs is not None else None)
         if self.prompt_only:
             text, logprobs = "", logprobs and {key: [] for key in logprobs}
@@ -169,6 +173,8 @@ class Stream:
                 prompt = self._completion_logprobs(output.prompt_logprobs)  # asked for with echo + logprobs
                 prompt["tokens"] = [self._token(t) for t in self.prompt_ids]  # the first one too
                 logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
+        if logprobs is not None:  # each token's character offset in the text, as its decoded pieces add up
+            logprobs["text_offset"] = list(accumulate((len(t) for t in logprobs["tokens"]), initial=offset))[:-1]
         return {"index": self.first_choice + c.index, "text": text, "logprobs": logprobs,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
