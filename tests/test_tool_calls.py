@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import openai
 import pytest
 import torch
@@ -23,6 +24,13 @@ ARGS = '{"city": "Paris", "unit": "C"}'
 V3_CALL = f"{CALL_BEGIN}function{SEP}get_weather\n```json\n{ARGS}\n```{CALL_END}"
 V31_CALL = f'{CALL_BEGIN}get_time{SEP}{{"zone": "UTC"}}{CALL_END}'
 OUTPUT = f"Let me check.{CALLS_BEGIN}{V3_CALL}{V31_CALL}{CALLS_END}"
+
+
+def test_a_cut_off_call_and_text_after_the_calls_are_not_content():
+    cut = f"Let me check.{CALLS_BEGIN}{V3_CALL}{V31_CALL[:-12]}"
+    content, calls = split_tool_calls(cut)
+    assert content == "Let me check." and [c.name for c in calls] == ["get_weather"]
+    assert split_tool_calls(f"A{CALLS_BEGIN}{V31_CALL}{CALLS_END} trailing")[0] == "A"
 
 
 def test_both_formats_split_whole():
@@ -70,8 +78,12 @@ def write_scripted_checkpoint(path) -> list[int]:
     tokenizer.add_tokens([AddedToken(p, special=False, normalized=False) for p in pieces if p != "</s>"])
     tokenizer.add_special_tokens([AddedToken("</s>", special=True, normalized=False)])
     tokenizer.save(str(path / "tokenizer.json"))
-    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                "{% if tools %}<tools>{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    # Like R1's template: an assistant turn that only called tools has content None; V3.1-like
+    # `thinking: false` closes the thought in the prompt.
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' and m['content'] is none %}"
+                "<assistant>{{ m['tool_calls'][0]['function']['name'] }}{% else %}<{{ m['role'] }}>{{ m['content'] }}{% endif %}"
+                "{% endfor %}{% if tools %}<tools>{% endif %}{% if add_generation_prompt %}<assistant>"
+                "{% if thinking is defined and not thinking %}</think>{% endif %}{% endif %}")
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
 
     eos = vocab["</s>"]
@@ -142,3 +154,40 @@ def test_without_tools_or_with_tool_choice_none_the_markup_stays_text(server):
 def test_forcing_a_tool_is_refused_clearly(server):
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         server.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, tool_choice="required")
+
+
+def test_a_call_cut_by_max_tokens_keeps_length_and_leaks_no_markup(server):
+    for stream in (False, True):
+        kwargs = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, temperature=0, max_tokens=10)
+        if stream:
+            chunks = list(server.chat.completions.create(**kwargs, stream=True))
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+            called = any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+        else:
+            choice = server.chat.completions.create(**kwargs).choices[0]
+            content, finish, called = choice.message.content, choice.finish_reason, bool(choice.message.tool_calls)
+        assert (content, finish, called) == ("Sure.", "length", False), stream
+
+
+def test_the_second_turn_sends_the_call_back_with_content_none(server):
+    """The OpenAI tool loop: the assistant's tool-call message (content null) and the tool's result go back."""
+    first = server.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, temperature=0).choices[0].message
+    assert first.content == "Sure."
+    call = first.tool_calls[0]
+    turn = [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "18C"}]
+    reply = server.chat.completions.create(model=MODEL_NAME, messages=MESSAGES + turn, tools=TOOLS, temperature=0)
+    assert reply.choices[0].finish_reason == "tool_calls"  # the script calls again; the point is that it rendered
+    url = str(server.base_url).removesuffix("/v1/")
+    tokens = httpx.post(url + "/tokenize", json={"messages": MESSAGES + turn}).json()["tokens"]
+    detokenized = httpx.post(url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert "<assistant>get_weather<tool>18C" in detokenized
+
+
+def test_a_prompt_that_closed_the_thought_gets_content_and_calls(server):
+    """V3.1's non-thinking mode: the template ends the prompt with </think>, so nothing is reasoning."""
+    choice = server.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, temperature=0,
+                                            extra_body={"chat_template_kwargs": {"thinking": False}}).choices[0]
+    assert choice.message.content == "Sure." and choice.message.model_extra["reasoning_content"] == ""
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"xpuserve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("xpuserve: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`xpuserve plan ... | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no flush error at exit
     return 0

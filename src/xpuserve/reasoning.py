@@ -13,8 +13,9 @@ THINK_START, THINK_END = "<think>", "</think>"
 
 
 class ReasoningParser:
-    def __init__(self) -> None:
-        self.in_thought = True
+    def __init__(self, thinking: bool = True) -> None:
+        """`thinking` False: the prompt closed the thought already, so the output is all answer."""
+        self.in_thought = thinking
         self.at_start = True  # a leading <think> (and the whitespace after it) is dropped
         self.content_started = False
         self.pending = ""
@@ -51,9 +52,9 @@ class ReasoningParser:
         return (text, "") if self.in_thought else ("", text)
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
+def split_reasoning(text: str, thinking: bool = True) -> tuple[str, str]:
     """The whole output at once: (reasoning, content)."""
-    parser = ReasoningParser()
+    parser = ReasoningParser(thinking)
     r1, c1 = parser.feed(text)
     r2, c2 = parser.finish()
     return r1 + r2, c1 + c2

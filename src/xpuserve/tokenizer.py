@@ -95,8 +95,10 @@ class Tokenizer:
                 "this tokenizer has no chat template: add `chat_template` to tokenizer_config.json, "
                 "put a chat_template.jinja in the model folder, or pass chat_template="
             )
-        # Like transformers, keys whose value is None are dropped: templates handle a missing key better.
-        messages = [{k: v for k, v in _plain(m).items() if v is not None} for m in messages]
+        # Keys whose value is None are dropped (templates handle a missing key better), but not
+        # `content`: an assistant turn that only calls tools has content None, and templates such as
+        # R1's test `message['content'] is none` for it, as transformers passes it.
+        messages = [{k: v for k, v in _plain(m).items() if v is not None or k == "content"} for m in messages]
         variables = {"tools": None, "documents": None, **self.special_tokens, **_plain(kwargs)}
         return render_chat_template(source, messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 

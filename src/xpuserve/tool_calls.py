@@ -10,7 +10,7 @@ After its answer text (and after `</think>` for R1), a DeepSeek model that calls
 (V3, R1-0528), or `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>` inside the
 same wrapper (V3.1). Both are read. Text before the wrapper is the message content; each call is
 released whole when its end marker arrives. Text that could be the start of the wrapper is held
-back, so markers split across deltas never leak into content.
+back, so markers split across deltas never leak into content; an unfinished call is dropped.
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ class ToolCallParser:
         return content, calls
 
     def finish(self) -> str:
-        """Text held back at the end: content, unless it is the calls' closing marker."""
+        """Text held back at the end that is content. Once the calls began, nothing is: a call cut
+        off (by max_tokens, say) is dropped rather than shown as markup, and, as in vLLM, text
+        after the calls is not content either."""
         text, self.pending = self.pending, ""
-        if self.in_calls:
-            text = text.replace(CALLS_END, "").strip()
-        return text
+        return "" if self.in_calls else text
 
 
 def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:

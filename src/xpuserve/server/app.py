@@ -18,6 +18,7 @@ from xpuserve.server.metrics import Metrics
 from xpuserve.server.middleware import RequestGuard
 from xpuserve import __version__
 from xpuserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from xpuserve.reasoning import THINK_END
 from xpuserve.server.stream import Stream
 from xpuserve.tokenizer import ChatTemplateError
 
@@ -105,10 +106,12 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     return {"prompt": state.engine.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
-def _render_chat(state, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+def _render_chat(state, messages, add_generation_prompt: bool, tools: list[dict] | None = None,
+                 template_kwargs: dict | None = None) -> str:
     try:
         return state.engine.engine.tokenizer.apply_chat_template(
-            [m.model_dump(exclude_none=True) for m in messages], add_generation_prompt, state.config.chat_template, tools=tools)
+            [{**m.model_dump(exclude_none=True), "content": m.content} for m in messages], add_generation_prompt,
+            state.config.chat_template, tools=tools, **(template_kwargs or {}))
     except ChatTemplateError as e:
         raise APIError(400, str(e), "messages") from None
 
@@ -117,9 +120,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state = request.app.state
     _check_model(body.model, state.config)
     params = _sampling_params(body)
-    prompt = _render_chat(state, body.messages, body.add_generation_prompt, body.tools)
+    prompt = _render_chat(state, body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
     prompt_ids = state.engine.engine.tokenizer.encode(prompt, add_special_tokens=False)
-    stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning,
+    # A prompt that already closed the thought (V3.1's non-thinking mode) gets an answer only.
+    thinking = state.config.reasoning and not prompt.rstrip().endswith(THINK_END)
+    stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning, thinking=thinking,
                     tools=bool(body.tools) and body.tool_choice == "auto")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -12,7 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from xpuserve.config import EngineConfig
-from xpuserve.distributed.state import launched_rank
+from xpuserve.distributed.state import launched_rank, launched_world_size
 from xpuserve.engine.async_engine import AsyncEngine
 from xpuserve.engine.llm_engine import LLMEngine
 from xpuserve.reasoning import THINK_END, THINK_START
@@ -62,7 +62,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def serve(model: str, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = engine_config(model, args)
-    if launched_rank() > 0:
+    if launched_world_size() > 1 and launched_rank() > 0:
         engine = LLMEngine(config)
         print(f"xpuserve: rank {engine.parallel.rank} (pid {os.getpid()}) follows rank 0", flush=True)
         engine.run_worker()

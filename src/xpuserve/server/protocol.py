@@ -73,6 +73,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     tools: list[dict] | None = None  # rendered by the chat template; calls come back as message.tool_calls
     tool_choice: Literal["auto", "none"] = "auto"  # forcing a call ("required", a named function) is not supported
+    chat_template_kwargs: dict | None = None  # extra template variables, e.g. {"thinking": true} for V3.1
 
     def to_sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

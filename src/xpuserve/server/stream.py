@@ -24,7 +24,7 @@ class Stream:
 
     def __init__(self, request: Request, prefix: str, prompt_ids: list[int], params: SamplingParams,
                  reasoning: bool = False, prompt_text: str | None = None, response_id: str | None = None, part: int = 0,
-                 echo: bool = False, prompt_only: bool = False, tools: bool = False):
+                 echo: bool = False, prompt_only: bool = False, tools: bool = False, thinking: bool = True):
         """`part`: this prompt's place in a batch of completion prompts sharing `response_id`.
         `echo`: completions start with the prompt; `prompt_only`: and end there (max_tokens 0: the
         one token the engine generates is dropped, as vLLM does). `tools`: read tool calls out of chat output."""
@@ -44,7 +44,7 @@ class Stream:
         self.prompt_ids, self.params, self.reasoning = prompt_ids, params, reasoning
         self.prompt_text = prompt_text
         self.echo, self.prompt_only = echo or prompt_only, prompt_only
-        self.tools = tools
+        self.tools, self.thinking = tools, thinking
         self.tokenizer = self.engine.engine.tokenizer
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
@@ -78,23 +78,23 @@ class Stream:
         output = await self.final()
         choices = []
         for c in output.outputs:
-            reasoning, content = split_reasoning(c.text) if self.reasoning else (None, c.text)
+            reasoning, content = split_reasoning(c.text, self.thinking) if self.reasoning else (None, c.text)
             calls = []
             if self.tools:
                 content, calls = split_tool_calls(content)
-            message = {"role": "assistant", "content": content.strip() or None if calls else content}
+            message = {"role": "assistant", "content": (content or None) if calls else content}
             if self.reasoning:
                 message["reasoning_content"] = reasoning
             if calls:
                 message["tool_calls"] = [call.to_openai() for call in calls]
             choices.append({"index": c.index, "message": message, "logprobs": self._chat_logprobs(c, 0),
-                            "finish_reason": "tool_calls" if calls else c.finish_reason, "stop_reason": c.stop_reason})
+                            "finish_reason": tool_calls_finish(c.finish_reason, bool(calls)), "stop_reason": c.stop_reason})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage(output)}
 
     async def chat_chunks(self, include_usage: bool) -> AsyncIterator[str]:
         n = self.params.n
-        parsers = [ReasoningParser() if self.reasoning else None for _ in range(n)]
+        parsers = [ReasoningParser(self.thinking) if self.reasoning else None for _ in range(n)]
         tool_parsers = [ToolCallParser() if self.tools else None for _ in range(n)]
         yield self.sse("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None} for i in range(n)])
@@ -114,7 +114,7 @@ class Stream:
                 message["content"], calls = tool_parser.feed(content)
                 if finished:
                     message["content"] += tool_parser.finish()
-                    finish_reason = "tool_calls" if tool_parser.num_calls else finish_reason
+                    finish_reason = tool_calls_finish(finish_reason, bool(tool_parser.num_calls))
                 if calls:
                     message["tool_calls"] = [{"index": first_call + i, **call.to_openai()} for i, call in enumerate(calls)]
             message = {k: v for k, v in message.items() if v} if not finished else message
@@ -221,3 +221,8 @@ class Stream:
         if usage is not None:
             chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
+
+
+def tool_calls_finish(finish_reason: str | None, called: bool) -> str | None:
+    """"tool_calls" when the model stopped after calling tools; "length" stays: the output was cut."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
