@@ -1,4 +1,16 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny R1-shaped checkpoint with think tags that the server, CLI and bench tests share (read only)."""
+    from server_fixture import build_reasoning_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny_r1")
+    build_reasoning_checkpoint(path)
+    return path

@@ -10,20 +10,13 @@ import sys
 import httpx
 import pytest
 
-from server_fixture import build_reasoning_checkpoint, free_port, running_server
+from server_fixture import free_port, running_server
 from oracle import write_char_tokenizer
 from xpuserve.bench.dataset import token_id_range
 from xpuserve.bench.report import summary_of, table
 from xpuserve.bench.run import BenchConfig, arrival_times, run_benchmark
 
 INPUT_LEN, OUTPUT_LEN, PROMPTS = 20, 12, 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_r1_bench")
-    build_reasoning_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,8 @@ import time
 import httpx
 import pytest
 
-from server_fixture import CHAT_PROMPT, THINK_AFTER, build_reasoning_checkpoint, free_port
+from server_fixture import CHAT_PROMPT, THINK_AFTER, free_port
 from xpuserve.reasoning import split_reasoning
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_r1_cli")
-    build_reasoning_checkpoint(path)
-    return path
 
 
 def start_server(model_dir, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:

@@ -9,17 +9,10 @@ import httpx
 import openai
 import pytest
 
-from server_fixture import CHAT_PROMPT, MODEL_NAME, THINK_AFTER, build_reasoning_checkpoint, running_server
+from server_fixture import CHAT_PROMPT, MODEL_NAME, THINK_AFTER, running_server
 from xpuserve.reasoning import split_reasoning
 
 MESSAGES = [{"role": "user", "content": CHAT_PROMPT}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_r1")
-    build_reasoning_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")
