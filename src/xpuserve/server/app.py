@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from xpuserve.engine.async_engine import AsyncEngine
 from xpuserve.sampling_params import SamplingParams
@@ -19,11 +18,9 @@ from xpuserve.server.middleware import RequestGuard
 from xpuserve import __version__
 from xpuserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from xpuserve.reasoning import THINK_END
+from xpuserve.server.concurrency import gather_or_cancel, merge, respond
 from xpuserve.server.stream import Stream
 from xpuserve.tokenizer import ChatTemplateError
-
-
-DISCONNECT_POLL_S = 0.25  # how often a request without a stream checks that its client is still there
 
 
 @dataclass
@@ -171,63 +168,6 @@ def sum_usage(usages: list[dict]) -> dict:
     total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
     cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
     return {**total, "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-async def respond(chunks: AsyncIterator[str]) -> StreamingResponse:
-    """Starts the stream only once the first chunk exists, so errors before it are real HTTP errors."""
-    first = await anext(chunks)
-
-    async def body():
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def gather_or_cancel(request: Request, awaitables: list[Awaitable]) -> list:
-    """All results, or the first error with the rest cancelled (their engine requests aborted).
-    A client that hangs up cancels them too: nobody is left to read the answer."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        while True:
-            done, _ = await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION)
-            if len(done) == len(tasks) or any(not t.cancelled() and t.exception() is not None for t in done):
-                return await asyncio.gather(*tasks)
-            if await request.is_disconnected():
-                raise APIError(400, "the client disconnected")
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def merge(iterators: list[AsyncIterator]) -> AsyncIterator:
-    """Items of several async iterators as they come; the first error stops them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def drain(iterator):
-        try:
-            async for item in iterator:
-                await queue.put(item)
-            await queue.put(done)
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put(e)
-
-    tasks = [asyncio.ensure_future(drain(it)) for it in iterators]
-    try:
-        running = len(tasks)
-        while running:
-            item = await queue.get()
-            if item is done:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _check_model(name: str | None, config: ServerConfig) -> None:
