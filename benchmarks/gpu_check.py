@@ -6,12 +6,14 @@
 Parity: every random test architecture (tests/oracle.py) in float32 on the device against
 transformers' float32 on the CPU; INT8 (W8A8 where the platform has an INT8 matmul) and, where
 the device has FP8 matmul, a served-FP8 checkpoint. Throughput: a larger DeepSeek-V3-shaped
-random model, xpuserve bf16 and INT8 against transformers' bf16 `generate` on the same device.
+random model, xpuserve bf16 and INT8 against transformers' bf16 `generate` on the same device;
+then the same model behind `xpuserve serve` (its own process), measured with `xpuserve bench`.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +114,50 @@ def throughput(device: str, tmp: Path, config: dict, concurrency: list[int], dea
     return rows, params
 
 
+HTTP_STEP_S = 120  # what the served step needs at most: start-up, then two bench runs
+
+
+def http(device: str, model: Path, concurrency: list[int]) -> list[tuple]:
+    """`xpuserve serve` on the throughput model, driven by `xpuserve bench` (128 in / 128 out)."""
+    try:
+        import fastapi, httpx, prometheus_client, uvicorn  # noqa: F401, E401
+    except ImportError as e:
+        print(f"HTTP step skipped: {e}", flush=True)
+        return []
+    from server_fixture import free_port
+
+    from xpuserve.bench.report import summary_of
+    from xpuserve.bench.run import BenchConfig, run_benchmark
+
+    port = free_port()
+    kv = 8 << 30 if device != "cpu" else 1 << 30
+    server = subprocess.Popen([sys.executable, "-m", "xpuserve", "serve", str(model), "--device", device, "--dtype", "bfloat16",
+                               "--port", str(port), "--kv-cache-memory", str(kv)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url, started = f"http://127.0.0.1:{port}", time.monotonic()
+    try:
+        while server.poll() is None and time.monotonic() - started < 90:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            print(f"HTTP step: the server did not start: {server.stderr.read()[-2000:] if server.poll() is not None else 'timed out'}")
+            return []
+        rows = []
+        for c in concurrency:
+            config = BenchConfig(base_url=url, num_prompts=max(4, 2 * c), random_input_len=128, random_output_len=128,
+                                 ignore_eos=True, max_concurrency=c, tokenizer=str(model))
+            s = summary_of(run_benchmark(config))
+            rows.append((c, s))
+            print(f"HTTP concurrency {c:3d}: {s.output_throughput:.0f} output tok/s, TTFT {s.ttft.mean:.0f} ms, "
+                  f"TPOT {s.tpot.mean:.1f} ms, {s.failed} failed", flush=True)
+        return rows
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
@@ -119,7 +165,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting new throughput rows after this")
     parser.add_argument("--report", action="store_true", help="write the result to docs/benchmarks.md")
     args = parser.parse_args()
-    deadline = time.monotonic() + args.budget_s
+    started = time.monotonic()
+    deadline = started + args.budget_s
     info = collect()
     platform, _ = resolve_device(args.device)
     print(f"torch {torch.__version__}; device {platform.device_name(torch.device(args.device))}", flush=True)
@@ -127,6 +174,8 @@ def main() -> None:
         tmp = Path(tmp)
         checks = parity(args.device, tmp)
         speed, params = throughput(args.device, tmp, SMALL if args.small else LARGE, [1, 16, 64], deadline)
+        # gpu_check.sh stops everything at 480 s: serve only when the step fits.
+        served = http(args.device, tmp / "large", [1, 32]) if time.monotonic() - started + HTTP_STEP_S < 470 else []
     if args.report:
         write_section([
             f"## GPU check ({platform.device_name(torch.device(args.device))})",
@@ -143,6 +192,12 @@ def main() -> None:
             "| concurrent requests | xpuserve bf16 tok/s | xpuserve INT8 tok/s | transformers bf16 tok/s | bf16 ratio |",
             "|---:|---:|---:|---:|---:|",
             *[f"| {c} | {s['bf16']:.0f} | {s['int8']:.0f} | {s['hf']:.0f} | {s['bf16'] / s['hf']:.2f}x |" for c, s in speed],
+            "",
+            "Over HTTP: `xpuserve serve` (bf16) on the same model, `xpuserve bench` with 128 in / 128 out, 2 prompts per slot:"
+            if served else "Over HTTP: not run (time budget, or fastapi/uvicorn/httpx/prometheus_client missing on the machine).",
+            *(["", "| max concurrency | output tok/s | TTFT mean ms | TPOT mean ms | failed |", "|---:|---:|---:|---:|---:|",
+               *[f"| {c} | {s.output_throughput:.0f} | {s.ttft.mean:.0f} | {s.tpot.mean:.1f} | {s.failed} |" for c, s in served]]
+              if served else []),
             "",
         ])
 
