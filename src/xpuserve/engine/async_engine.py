@@ -96,8 +96,7 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
-                for output in self.engine.step():
-                    self._deliver(output.request_id, output)
+                self._deliver_all([(output.request_id, output) for output in self.engine.step()])
         except BaseException as e:  # noqa: BLE001 - every waiting client must hear of it
             self.error = e
             for request_id in list(self._streams):
@@ -132,9 +131,22 @@ class AsyncEngine:
             self._streams.pop(command[1], None)
 
     def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        if isinstance(item, BaseException) or item.finished:
-            del self._streams[request_id]
-        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hands a step's outputs to their event loops: one wake-up per loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[request_id]
+            by_loop.setdefault(stream.loop, []).append((stream.outputs, item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in puts:
+        outputs.put_nowait(item)
