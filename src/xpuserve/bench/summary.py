@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xpuserve.bench.client import RequestResult
+from xpuserve.planner.cost import usd_per_million
 
 
 @dataclass
@@ -42,11 +43,6 @@ class Summary:
     first_error: str | None
     usd_per_m_input: float | None  # given a price per hour
     usd_per_m_output: float | None
-
-
-def usd_per_million(price_per_hour: float, tokens_per_second: float) -> float | None:
-    """The planner's formula (planner/plan.py): price per hour / 3600 / tokens per second × 10⁶."""
-    return price_per_hour / 3600 / tokens_per_second * 1e6 if tokens_per_second > 0 else None
 
 
 def summarize(requests: list[RequestResult], duration: float, price_per_hour: float | None = None) -> Summary:

@@ -205,3 +205,9 @@ def flops_per_token(cfg: ModelConfig, context: float = 0.0) -> float:
     """Forward FLOPs of one decode token at `context` cached tokens (lm_head included)."""
     step = step_cost(cfg, tokens=1, seqs=1, context=context, decode=True)
     return sum(m.flops for m in step.matmuls) + step.attn_flops
+
+
+def usd_per_million(price_per_hour: float, tokens_per_second: float) -> float | None:
+    """What a million tokens cost on hardware rented at `price_per_hour` that makes `tokens_per_second`
+    (None when it makes none). The planner's and `xpuserve bench`'s cost lines both come from here."""
+    return price_per_hour / 3600 / tokens_per_second * 1e6 if tokens_per_second > 0 else None

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from xpuserve.config import ModelConfig
 from xpuserve.planner.chips import Chip
-from xpuserve.planner.cost import step_cost
+from xpuserve.planner.cost import step_cost, usd_per_million
 from xpuserve.planner.layout import GB, Layout, candidate_layouts, memory, why_not
 from xpuserve.planner.roofline import Efficiency, StepTime, comm_time, step_time
 
@@ -136,8 +136,8 @@ def plan_layout(cfg: ModelConfig, chip: Chip, layout: Layout, work: Workload, op
     row.ttft_ms = t * 1e3
     chips_per_step = layout.tp if layout.ep == 1 else 1
     row.prefill_tps_per_chip = prompts * work.input_len / t / chips_per_step
-    row.usd_per_m_input = price / 3600 / row.prefill_tps_per_chip * 1e6
-    row.usd_per_m_output = price / 3600 / row.decode_tps_per_chip * 1e6
+    row.usd_per_m_input = usd_per_million(price, row.prefill_tps_per_chip)
+    row.usd_per_m_output = usd_per_million(price, row.decode_tps_per_chip)
     row.meets_target = not row.reason and t <= opts.ttft_s
     if t > opts.ttft_s and not row.reason:
         row.reason = f"TTFT {t * 1e3:.0f} ms over the target even for one prompt"

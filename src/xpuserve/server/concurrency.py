@@ -44,6 +44,10 @@ async def gather_or_cancel(request: Request, awaitables: list[Awaitable]) -> lis
 
 async def merge(iterators: list[AsyncIterator]) -> AsyncIterator:
     """Items of several async iterators as they come; the first error stops them all."""
+    if len(iterators) == 1:  # the usual request: no task and queue hop per item
+        async for item in iterators[0]:
+            yield item
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

@@ -93,10 +93,9 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         prompt_logprobs = self.logprobs if self.echo else None
-        if self.prompt_only:  # the one token generated is dropped: nothing for min_tokens to hold back
-            self.min_tokens = 0
-        max_tokens = 1 if self.prompt_only else self.max_tokens if self.max_tokens is not None else 16
-        return self.sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        if self.prompt_only:  # one token is generated and dropped: nothing for min_tokens to hold back
+            return self.model_copy(update={"min_tokens": 0}).sampling_params(1, self.logprobs, prompt_logprobs)
+        return self.sampling_params(self.max_tokens if self.max_tokens is not None else 16, self.logprobs, prompt_logprobs)
 
     @property
     def prompt_only(self) -> bool:
