@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as _Backend
 
 # The named special tokens transformers hands to chat templates as variables.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+MAX_RENDERED_CHARS = 32 << 20  # a template that multiplies its input (a loop in a loop) stops here
 
 
 class ChatTemplateError(ValueError):
@@ -71,6 +72,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode() for each text; unlike encode() it releases the GIL, so other threads run meanwhile."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # transformers 5 skips clean_up_tokenization_spaces for BPE models, so a plain decode matches it.
@@ -132,6 +137,16 @@ def _compile(source: str) -> Template:
     return _ENV.from_string(source)
 
 
+def _render(template: Template, variables: dict[str, Any]) -> str:
+    parts, size = [], 0
+    for part in template.generate(**variables):
+        parts.append(part)
+        size += len(part)
+        if size > MAX_RENDERED_CHARS:
+            raise ChatTemplateError(f"chat template output exceeds {MAX_RENDERED_CHARS} characters")
+    return "".join(parts)
+
+
 def _plain(value: Any) -> Any:
     """Rebuild template inputs from JSON types, so no object with methods of its own reaches the template."""
     if value is None or type(value) in (str, int, float, bool):
@@ -143,9 +158,11 @@ def _plain(value: Any) -> Any:
     raise ChatTemplateError(f"chat template inputs must be JSON data, got a {type(value).__name__}")
 
 
-def render_chat_template(source: str, **variables: Any) -> str:
+def render_chat_template(source: str, /, **variables: Any) -> str:
     try:
-        return _compile(source).render(**variables)
+        return _render(_compile(source), variables)
+    except ChatTemplateError:
+        raise
     except SecurityError as e:
         raise ChatTemplateError(f"chat template refused: it tried to reach Python internals ({e})") from e
     except TemplateError as e:  # syntax errors, undefined values, raise_exception(...)

@@ -9,18 +9,20 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from xpuserve.engine.async_engine import AsyncEngine
 from xpuserve.sampling_params import SamplingParams
-from xpuserve.server.errors import APIError, error_body, error_response
+from xpuserve.server.errors import APIError, ErrorResponse, error_body, error_response, http_error, internal_error
 from xpuserve.server.metrics import Metrics
 from xpuserve.server.middleware import RequestGuard
 from xpuserve import __version__
 from xpuserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from xpuserve.reasoning import THINK_END
 from xpuserve.server.concurrency import gather_or_cancel, merge, respond
+from xpuserve.server.prompts import encode_prompts, render_chat
 from xpuserve.server.stream import Stream
-from xpuserve.tokenizer import ChatTemplateError
 
 
 @dataclass
@@ -38,6 +40,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     app.add_exception_handler(APIError, lambda request, e: error_response(e))
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
@@ -53,7 +57,7 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     first = e.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     message = f"{first.get('msg', 'invalid request')}" + (f" (at '{param}')" if param else "")
-    return JSONResponse(error_body(400, message, param), 400)
+    return ErrorResponse(error_body(400, message, param), 400)
 
 
 async def health(request: Request) -> Response:
@@ -88,9 +92,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either 'prompt' or 'messages'", "prompt")
     if body.prompt is not None:
-        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        [tokens] = await encode_prompts(engine.tokenizer, [body.prompt], "prompt", body.add_special_tokens)
     else:
-        tokens = engine.tokenizer.encode(_render_chat(state, body.messages, body.add_generation_prompt), add_special_tokens=False)
+        prompt = await render_chat(state, body.messages, body.add_generation_prompt)
+        [tokens] = await encode_prompts(engine.tokenizer, [prompt], "messages", add_special_tokens=False)
     return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
 
 
@@ -100,25 +105,18 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     vocab = state.engine.engine.model_config.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
-    return {"prompt": state.engine.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
-
-
-def _render_chat(state, messages, add_generation_prompt: bool, tools: list[dict] | None = None,
-                 template_kwargs: dict | None = None) -> str:
-    try:
-        return state.engine.engine.tokenizer.apply_chat_template(
-            [{**m.model_dump(exclude_none=True), "content": m.content} for m in messages], add_generation_prompt,
-            state.config.chat_template, tools=tools, **(template_kwargs or {}))
-    except ChatTemplateError as e:
-        raise APIError(400, str(e), "messages") from None
+    text = await run_in_threadpool(state.engine.engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+    return {"prompt": text}
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = request.app.state
     _check_model(body.model, state.config)
     params = _sampling_params(body)
-    prompt = _render_chat(state, body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
-    prompt_ids = state.engine.engine.tokenizer.encode(prompt, add_special_tokens=False)
+    if params.n > 1 and params.n > state.engine.max_waiting:
+        raise APIError(400, f"n={params.n} is more sequences than this server queues ({state.engine.max_waiting})", "n")
+    prompt = await render_chat(state, body.messages, body.add_generation_prompt, body.tools, body.chat_template_kwargs)
+    [prompt_ids] = await encode_prompts(state.engine.engine.tokenizer, [prompt], "messages", add_special_tokens=False)
     # A prompt that already closed the thought (V3.1's non-thinking mode) gets an answer only.
     thinking = state.config.reasoning and not prompt.rstrip().endswith(THINK_END)
     stream = Stream(request, "chatcmpl", prompt_ids, params, reasoning=state.config.reasoning, thinking=thinking,
@@ -136,14 +134,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = request.app.state
     _check_model(body.model, state.config)
     params = _sampling_params(body)
-    tokenizer = state.engine.engine.tokenizer
     prompts = body.prompts()
-    if 1 < len(prompts) > state.engine.max_waiting:  # would be refused with 429 however long the client waited
-        raise APIError(400, f"a batch of {len(prompts)} prompts is more than this server queues ({state.engine.max_waiting}); "
-                            "send smaller batches", "prompt")
+    sequences, most = len(prompts) * params.n, state.engine.max_waiting
+    if 1 < sequences > most:  # would be refused with 429 however long the client waited
+        raise APIError(400, f"{len(prompts)} prompt(s) with n={params.n} are {sequences} sequences, more than this server "
+                            f"queues ({most}); send smaller batches", "prompt" if params.n == 1 else "n")
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(await encode_prompts(state.engine.engine.tokenizer, texts, "prompt") if texts else [])
     response_id = f"cmpl-{uuid.uuid4().hex}"
     streams = [
-        Stream(request, "cmpl", tokenizer.encode(p) if isinstance(p, str) else p, params,
+        Stream(request, "cmpl", next(encoded) if isinstance(p, str) else p, params,
                prompt_text=p if isinstance(p, str) else None, response_id=response_id, part=i,
                echo=body.echo, prompt_only=body.prompt_only)
         for i, p in enumerate(prompts)

@@ -51,7 +51,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize")
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead of the model's")
     parser.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
                         help="split <think>...</think> into reasoning_content; auto: on when the tokenizer has the think tokens")

@@ -6,15 +6,18 @@ import hmac
 
 from xpuserve.server.errors import raw_error
 
+GUARDED = ("/v1/", "/tokenize", "/detokenize")  # /health, /metrics and /version stay open, as in vLLM
+
 
 class RequestGuard:
     """Pure ASGI middleware (BaseHTTPMiddleware would get in the way of streaming and disconnects)."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.api_key = api_key.encode() if api_key is not None else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith(GUARDED):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
@@ -49,8 +52,8 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
     def _authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        scheme, _, token = header.partition(b" ")  # bytes: compare_digest refuses non-ASCII str
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
     def _too_large(self):
         return raw_error(413, f"the request body exceeds {self.max_body_bytes} bytes", "request_too_large")

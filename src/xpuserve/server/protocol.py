@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from xpuserve.sampling_params import SamplingParams
+from xpuserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# Upper bounds as OpenAI sets them (vLLM's for the seed: a 64-bit integer); stop_token_ids is
+# vLLM's own field, without a bound there: ours keeps the per-token stop check cheap.
+MAX_N = 128
+MAX_STOP = 4
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300
+INT64 = 2**63
 
 
 class StreamOptions(BaseModel):
@@ -14,10 +22,10 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -25,10 +33,10 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    logit_bias: dict[str, float] | None = None  # OpenAI's: token ids as strings
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)  # OpenAI's: token ids as strings
     max_tokens: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -46,6 +54,8 @@ class SamplingFields(BaseModel):
             ).items()
             if v is not None
         }
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(self.stop)}")
         try:
             logit_bias = {int(t): b for t, b in (self.logit_bias or {}).items()}
         except ValueError:
@@ -69,7 +79,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     tools: list[dict] | None = None  # rendered by the chat template; calls come back as message.tool_calls
     tool_choice: Literal["auto", "none"] = "auto"  # forcing a call ("required", a named function) is not supported
