@@ -52,11 +52,13 @@ def test_pristine_checkpoint_loads(ckpt):
     load(ckpt)
 
 
-def test_truncated_shard(ckpt):
+def test_truncated_shard(ckpt, pristine):
     data = (ckpt / FILE).read_bytes()
     (ckpt / FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=rf"cannot read shard .*{re.escape(str(ckpt / FILE))}"):
+    with pytest.raises(CheckpointError, match=rf"cannot read shard .*{re.escape(str(ckpt / FILE))}") as error:
         load(ckpt)
+    named = re.search(r"inside tensor '([^']+)'", str(error.value))  # the file names it, and the tensor too
+    assert named and named.group(1) in load_file(pristine / FILE)
 
 
 def test_missing_tensor(ckpt):

@@ -1,5 +1,6 @@
 """`python -m xpuserve generate` as a real subprocess, against transformers' greedy generation."""
 
+import json
 import subprocess
 import sys
 
@@ -51,3 +52,15 @@ def test_a_reader_that_goes_away_is_not_an_error():
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "big"), ("rms_norm_eps", [1]), ("quantization_config", {"quant_method": "fp8", "weight_block_size": ["a", "b"]})])
+def test_config_field_of_the_wrong_type_is_one_line_error(tmp_path, model_dir, field, value):
+    for file in model_dir.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    result = run_cli("generate", str(tmp_path), "--prompt", "hello")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.json" in lines[0], result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -86,3 +87,17 @@ def test_chat_command_streams_reasoning_and_answer(model_dir):
     assert proc.returncode == 0, proc.stderr
     reply = proc.stdout.split("> ")[1].strip()
     assert len(reply) > THINK_AFTER
+
+
+def test_a_port_in_use_is_one_line_and_no_serving_line(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "xpuserve", "serve", str(model_dir), "--port", str(port), "--dtype", "float32", "--device", "cpu"],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 2 and "serving" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], proc.stderr

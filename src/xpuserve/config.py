@@ -7,7 +7,7 @@ reader can match them one to one with `config.json`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,30 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        return _parse(raw, source)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        _check_types(raw, source)
+        try:
+            return _parse(raw, source)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, LookupError) as e:  # a nested field (rope_scaling, ...) of the wrong type
+            raise ConfigError(f"{source}: a field has the wrong type ({type(e).__name__}: {e})") from None
+
+
+# The JSON types of ModelConfig's plain fields, which config.json names the same.
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool, int), "str": (str,)}
+
+
+def _check_types(raw: dict[str, Any], source: str) -> None:
+    for f in fields(ModelConfig):
+        expected = _JSON_TYPES.get(f.type.removesuffix(" | None"))
+        value = raw.get(f.name)
+        if expected is None or value is None:
+            continue
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            kind = f.type.removesuffix(" | None")
+            raise ConfigError(f"{source}: field '{f.name}' must be {kind}, got {type(value).__name__} {json.dumps(value)[:40]}")
 
 
 def _parse(raw: dict[str, Any], source: str) -> ModelConfig:

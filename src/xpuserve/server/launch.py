@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import signal
+import socket
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def serve(model: str, args: argparse.Namespace) -> None:
         print(f"xpuserve: rank {engine.parallel.rank} (pid {os.getpid()}) follows rank 0", flush=True)
         engine.run_worker()
         return
+    listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once, in one line
     async_engine = AsyncEngine(lambda: LLMEngine(config), max_waiting=args.max_waiting_requests)
     engine = async_engine.engine
     chat_template = Path(args.chat_template).read_text() if args.chat_template else None
@@ -91,11 +94,19 @@ def serve(model: str, args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[listener])
     finally:
         async_engine.shutdown()
         engine.shutdown()
         print("xpuserve: shut down", flush=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        print(f"xpuserve: error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _ranks(engine: LLMEngine) -> str:

@@ -55,7 +55,7 @@ class Checkpoint:
             try:
                 self._handles[file] = self._stack.enter_context(safe_open(self.dir / file, framework="pt"))
             except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-                raise CheckpointError(f"cannot read shard {self.dir / file}: {e}") from None
+                raise CheckpointError(f"cannot read shard {self.dir / file}: {e}{_cut_short(self.dir / file)}") from None
         return self._handles[file]
 
     def names(self) -> list[str]:
@@ -95,3 +95,24 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _cut_short(path: Path) -> str:
+    """For a truncated shard: which tensor the file ends in (the header gives every tensor's byte range)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if 8 + header_len > size:
+            return f" (the file ends inside its {header_len}-byte header)"
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            return ""
+    data = size - 8 - header_len
+    cut = sorted((t["data_offsets"], name) for name, t in header.items()
+                 if name != "__metadata__" and isinstance(t, dict) and t.get("data_offsets", [0, 0])[1] > data)
+    if not cut:
+        return ""
+    (start, end), name = cut[0]
+    more = f", and {len(cut) - 1} tensor(s) after it" if len(cut) > 1 else ""
+    return f" (truncated: the file ends at byte {data} of the data, inside tensor '{name}', bytes {start}-{end}{more})"
