@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from xpuserve.bench.sse import sse_lines
+
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -103,10 +105,10 @@ async def send(client: httpx.AsyncClient, spec: RequestSpec, prompt: str | list[
             if response.status_code != 200:
                 result.error = error_message(response.status_code, await response.aread())
             else:
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_bytes()):
                     if not line.startswith("data:") or (payload := line[5:].strip()) == "[DONE]":
                         continue
-                    chunk = json.loads(payload)
+                    chunk = json.loads(payload, strict=False)  # strict=False: control characters raw in strings
                     if "error" in chunk:
                         result.error = f"error in the stream: {_message(chunk)}"
                         break
