@@ -16,7 +16,7 @@ import torch
 from throughput import time_hf, time_xpuserve, write_section
 from xpuserve import LLM
 from xpuserve.generate import prompt_logits
-from xpuserve.platforms.cpu import cpu_model_name
+from xpuserve.platforms.cpu_features import detect as cpu_features
 from xpuserve.planner.bench_model import CONFIG, build_checkpoint
 
 
@@ -142,7 +142,7 @@ def write_report(args, sizes, quality, divergence, rows) -> None:
     write_section([
         "## INT8 weights vs bf16 (CPU)",
         "",
-        f"Machine: {cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Machine: {cpu_features().describe()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         f"Command: `python benchmarks/int8.py --concurrency {' '.join(map(str, args.concurrency))}`"
         f" (prompt 128 tokens, {args.output_len} greedy output tokens; the ~200M model of the throughput section).",
         "",

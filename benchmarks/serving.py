@@ -40,7 +40,7 @@ from xpuserve.bench.run import BenchConfig, run_benchmark
 from xpuserve.bench.summary import Summary
 from xpuserve.planner.bench_model import CONFIG, build_checkpoint
 from xpuserve.planner.chips import load_chips
-from xpuserve.platforms.cpu import cpu_model_name
+from xpuserve.platforms.cpu_features import detect as cpu_features
 
 PEER = "transformers serve"
 
@@ -190,7 +190,7 @@ def write_report(args, ours: dict[int, Summary], theirs: dict[int, Summary]) -> 
     lines = [
         f"## Serving over HTTP: xpuserve vs {PEER} (CPU, bf16)",
         "",
-        f"Machine: {cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__},"
+        f"Machine: {cpu_features().describe()}, {torch.get_num_threads()} threads, torch {torch.__version__},"
         f" transformers {transformers.__version__}; 1-minute load average {args.loads[0]:.2f} at the start,"
         f" at most {max(args.loads[1:], default=args.loads[0]):.2f} after a level (one server's 2 threads make about 2).",
         f"Command: `{command} --concurrency {' '.join(map(str, args.concurrency))} --num-prompts {args.num_prompts}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from xpuserve import LLM, SamplingParams
-from xpuserve.platforms.cpu import cpu_model_name
+from xpuserve.platforms.cpu_features import detect as cpu_features
 
 from xpuserve.planner.bench_model import CONFIG, build_checkpoint
 
@@ -102,7 +102,7 @@ def write_report(args, rows, params, active, bandwidth) -> None:
     lines = [
         "## Throughput: xpuserve vs HF transformers (CPU, bf16)",
         "",
-        f"Machine: {cpu_model_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
+        f"Machine: {cpu_features().describe()}, {torch.get_num_threads()} threads, torch {torch.__version__}.",
         f"Command: `python benchmarks/throughput.py --concurrency {' '.join(map(str, args.concurrency))}`"
         f" (prompt {args.prompt_len} tokens, {args.output_len} greedy output tokens).",
         f"Model: random DeepSeek-V3-shaped checkpoint, {params / 1e6:.0f}M parameters, {active / 2e6:.0f}M active per token.",

@@ -15,6 +15,7 @@ import xpuserve
 from xpuserve.config import ModelConfig
 from xpuserve.platforms import PLATFORMS
 from xpuserve.platforms.base import Platform
+from xpuserve.platforms.cpu_features import detect
 from xpuserve.weights.format import choose_format
 
 # A DeepSeek-V3-shaped config.json, tiny: the serving format depends on the dtype and quantization only.
@@ -74,7 +75,13 @@ def platform_info(cls: type[Platform]) -> dict:
     return {"available": True, "devices": devices,
             "supported_dtypes": [str(d).removeprefix("torch.") for d in p.supported_dtypes()],
             "matmul_kinds": sorted(p.matmul_kinds()), "int8_activations": p.int8_activations(),
-            "dist_backend": p.dist_backend}
+            "dist_backend": p.dist_backend, "kernels": p.kernels()}
+
+
+def cpu_info() -> dict:
+    features = detect()
+    return {"model": features.model, "instruction_sets": features.isa_names(), "aten_kernels": features.aten,
+            "onednn_bf16": features.bf16_engine()}
 
 
 def auto_choices() -> dict:
@@ -93,6 +100,7 @@ def collect() -> dict:
         "os": host.platform(),
         "torch": torch.__version__,
         "torch_build": torch_build(),
+        "cpu": cpu_info(),
         "torch_npu": torch_npu_version(),
         "cann": cann_version(),
         "platforms": {name: platform_info(cls) for name, cls in PLATFORMS.items()},
@@ -102,6 +110,9 @@ def collect() -> dict:
 
 def format_text(info: dict) -> str:
     lines = [f"{key}: {info[key]}" for key in ("xpuserve", "python", "os", "torch", "torch_build", "torch_npu", "cann")]
+    cpu = info["cpu"]
+    lines.append(f"cpu: {cpu['model']}; instruction sets: {', '.join(cpu['instruction_sets']) or 'none of note'}; "
+                 f"ATen kernels: {cpu['aten_kernels']}; oneDNN bf16: {cpu['onednn_bf16']}")
     for name, p in info["platforms"].items():
         if not p["available"]:
             lines.append(f"{name}: not available: {p['reason']}")
@@ -112,6 +123,7 @@ def format_text(info: dict) -> str:
             lines.append(f"  [{i}] {d['name']}: {memory}")
         lines.append(f"  dtypes: {', '.join(p['supported_dtypes'])}; native matmuls: {', '.join(p['matmul_kinds']) or 'none'}")
         lines.append(f"  INT8 activations (W8A8): {'yes' if p['int8_activations'] else 'no'}; dist backend: {p['dist_backend']}")
+        lines += [f"  kernel, {op}: {kernel}" for op, kernel in p["kernels"].items()]
     lines.append(f"--device auto: {info['auto']['device']}")
     for kind, fmt in info["auto"]["formats"].items():
         lines.append(f"--dtype auto, {kind} checkpoint: {fmt}")

@@ -1,9 +1,9 @@
 """`xpuserve calibrate`: measure this machine's rates with the engine's own kernels, measure the
 engine's decode on the benchmark model, and write a chip profile the planner reads.
 
-Rates are taken the way the engine meets them: bf16 weights through the platform's `linear`
-(one row: weight streaming; a few rows: the bf16 GEMM, emulated on CPUs without bf16; 16 and 64
-rows on such CPUs: the weight's conversion to float32 plus the float32 GEMM, and the page faults
+Rates are taken the way the engine meets them: bf16 weights through the platform's own `linear`,
+whichever kernel it chose for this CPU (one row: weight streaming; a few rows: the bf16 GEMM, oneDNN's
+where the CPU has AVX-512 or AMX, emulated row by row where not; 16 and 64 rows on CPUs without it: the weight's conversion to float32 plus the float32 GEMM, and the page faults
 of float32 copies too large for malloc to reuse). The engine's fixed per-step cost comes from a
 model of the same structure with negligible weights. Rates and engine runs are taken in one
 process, interleaved; nothing is fitted to the benchmark model's own engine timings.
@@ -41,6 +41,7 @@ class Calibration:
     chip: Chip
     measured: dict[int, float]  # batch -> engine decode tokens/s
     predicted: dict[int, float]
+    model: ModelConfig  # the benchmark model both are for
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -57,10 +58,12 @@ def measure_rates(repeats: int = 3) -> Rates:
     """The platform's `linear` timed on bf16 weights far larger than the caches, as a model's are."""
     import torch
 
-    from xpuserve.platforms import cpu as cpu_platform
     from xpuserve.platforms import current_platform
+    from xpuserve.platforms.cpu import CpuPlatform
 
     platform = current_platform()
+    if not isinstance(platform, CpuPlatform):
+        raise ValueError(f"calibrate measures CPUs; the model was loaded on {platform.name}")
 
     def weights(*shapes: tuple[int, int, int]) -> list:
         return [torch.empty(n, k, dtype=torch.bfloat16).uniform_(-0.05, 0.05)
@@ -75,11 +78,11 @@ def measure_rates(repeats: int = 3) -> Rates:
     mixed = weights((1024, 1024, 16), (2816, 1024, 16), (1024, 2816, 16))
     with torch.inference_mode():
         stream = 2 / s_per_param(1, mixed)  # bf16 bytes per second
-        if getattr(platform, "native_bf16", True):
+        if platform.bf16_upcast_rows is None:
             bf16 = 2 * 64 / s_per_param(64, mixed)
             fp32 = 2 * 64 / s_per_param(64, [w.float() for w in mixed[:8]])  # compute-bound: cache-sized is fine
             return Rates(stream / 1e9, bf16 / 1e12, fp32 / 1e12)
-        rows = cpu_platform.BF16_UPCAST_ROWS
+        rows = platform.bf16_upcast_rows
         # Below `rows` the emulated bf16 kernel: its time grows with the rows (it is compute-bound),
         # timed at 4 rows, what a routed expert gets in a decode batch.
         bf16 = 2 * 4 / s_per_param(4, mixed)
@@ -116,14 +119,14 @@ def engine_decode_step(llm, batch: int, steps: int) -> float:
     return statistics.median(times[:steps])
 
 
-def cpu_chip(rates: Rates, layer_us: float, expert_us: float, name: str, memory_gb: float) -> Chip:
+def cpu_chip(rates: Rates, layer_us: float, expert_us: float, name: str, memory_gb: float, kernel: str = "") -> Chip:
     return Chip(
         key="cpu", name=name, bf16_tflops=rates.bf16_tflops, fp32_tflops=rates.fp32_tflops,
         bf16_upcast_rows=rates.upcast_rows, upcast_ns_per_param=rates.upcast_ns_per_param,
         fresh_page_gbps=rates.fresh_page_gbps, hbm_gb=memory_gb, hbm_gbps=rates.stream_gbps, link_gbps=10,
         network_gbps=1, scaleup_chips=1, price_per_hour=0.1, compute_efficiency=1.0, memory_efficiency=1.0,
         layer_overhead_us=layer_us, expert_overhead_us=expert_us,
-        source=f"xpuserve calibrate on {name}, {time.strftime('%Y-%m-%d')}",
+        source=f"xpuserve calibrate on {name}, {time.strftime('%Y-%m-%d')}" + (f"; bf16 matmul: {kernel}" if kernel else ""),
     )
 
 
@@ -157,7 +160,8 @@ def calibrate(batches: tuple[int, ...] = (1, 16), steps: int = 8, rounds: int = 
 
     from xpuserve import LLM
     from xpuserve.planner.chips import load_chips
-    from xpuserve.platforms.cpu import cpu_model_name
+    from xpuserve.platforms import current_platform
+    from xpuserve.platforms.cpu_features import detect
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         big, tiny = Path(tmp) / "bench", Path(tmp) / "tiny"
@@ -180,12 +184,13 @@ def calibrate(batches: tuple[int, ...] = (1, 16), steps: int = 8, rounds: int = 
         rates = _median_rates(samples["rates"])
         layer_us, expert_us = fixed_costs(tiny_cfg, rates, {b: statistics.median(samples[f"tiny{b}"]) for b in (1, 16)})
         measured = {b: b / statistics.median(samples[f"big{b}"]) for b in batches}
-    name = f"{cpu_model_name()}, {torch.get_num_threads()} threads"
+    name = f"{detect().describe()}, {torch.get_num_threads()} threads"
     shipped = load_chips().get("cpu")
-    chip = cpu_chip(rates, layer_us, expert_us, name, shipped.hbm_gb if shipped else 16)
+    kernel = current_platform().kernels()["bf16 matmul"]
+    chip = cpu_chip(rates, layer_us, expert_us, name, shipped.hbm_gb if shipped else 16, kernel)
     context = PROMPT_LEN + steps / 2
     predicted = {b: predicted_decode_tps(cfg, chip, b, context) for b in batches}
-    return Calibration(chip, measured, predicted)
+    return Calibration(chip, measured, predicted, cfg)
 
 
 def profile_toml(chip: Chip) -> str:

@@ -58,6 +58,12 @@ class Platform:
         """Quantize activations too (W8A8) when weights are INT8: only where an INT8 matmul is fast."""
         return "int8" in self.matmul_kinds()
 
+    def kernels(self) -> dict[str, str]:
+        """Which kernel each operation runs on this device, for `xpuserve env` and bug reports."""
+        int8 = "W8A8 (INT8 activations)" if self.int8_activations() else "weight-only"
+        return {"matmul": f"torch's, native for {', '.join(sorted(self.matmul_kinds())) or 'no low-precision type'}",
+                "INT8": int8, "attention": "the input's dtype"}
+
     # --- ops, with plain-PyTorch fallbacks -------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)

@@ -1,30 +1,47 @@
-import functools
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from xpuserve.platforms.base import Platform
+from xpuserve.platforms.cpu_features import ATEN_LEVELS, CpuFeatures, aten_level, cpu_model_name, detect
 
-
+# CPUs without oneDNN bf16 (AVX2) run a bf16 GEMM row by row: from this many rows on, converting
+# the weight and multiplying in float32 is several times faster.
 BF16_UPCAST_ROWS = 12
 
+# torch._weight_int8pack_mm (aten/src/ATen/native/cpu/int8mm_kernel.cpp, torch 2.13) has a kernel per
+# ATen level. For bf16 activations the AVX2 one reads them 8 at a time with 16-byte *aligned* loads,
+# the AVX512 one 16 at a time with 32-byte aligned loads and its int8 weight rows 16 bytes at a time,
+# aligned too; neither handles a remainder of K, and row r starts r*K elements in. Outside that domain
+# the kernel reads past rows (wrong sums) or faults (a segfault that takes the server down). At the
+# DEFAULT level x86 runs a scalar loop, right at any K (2.3 ms vs 14 ms dequantizing for 1 row of
+# 1024 x 2048 here), and aarch64 a NEON kernel that steps K by 8. Float32 and float16 inputs take the
+# scalar loop at every level. Swept over K = 1..1024 on each level this CPU runs: docs/platforms.md.
+INT8PACK_K_MULTIPLE = {"DEFAULT": 8, "AVX2": 8, "AVX512": 16}
+INT8PACK_INPUT_ALIGN = {"DEFAULT": 1, "AVX2": 16, "AVX512": 32}  # bytes
+INT8PACK_WEIGHT_ALIGN = {"DEFAULT": 1, "AVX2": 1, "AVX512": 16}
 
-def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+
+def int8pack_accepts(level: str, dtype: torch.dtype, width: int, weight: torch.Tensor) -> bool:
+    """Whether torch's INT8 kernel at ATen `level` handles inputs of `dtype` and `width` against `weight`
+    (the input's alignment is the caller's to fix: a misaligned input is copied)."""
+    return (dtype == torch.bfloat16 and width % INT8PACK_K_MULTIPLE[level] == 0
+            and weight.is_contiguous() and weight.data_ptr() % INT8PACK_WEIGHT_ALIGN[level] == 0)
 
 
 class CpuPlatform(Platform):
     name = "cpu"
     dist_backend = "gloo"
+
+    def __init__(self, features: CpuFeatures | None = None):
+        self.features = features or detect()
+        # A kernel set weaker than torch's would admit shapes torch's stronger kernel crashes on;
+        # run the process with ATEN_CPU_CAPABILITY set to take a weaker one for real.
+        if ATEN_LEVELS.index(self.features.aten) < ATEN_LEVELS.index(aten_level()):
+            raise ValueError(f"features say ATen {self.features.aten} but torch runs {aten_level()}; "
+                             f"set ATEN_CPU_CAPABILITY={self.features.aten.lower()} before torch starts")
+        self._scratch = torch.empty(0)
 
     @classmethod
     def is_available(cls) -> bool:
@@ -36,12 +53,34 @@ class CpuPlatform(Platform):
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16)  # float16 matmuls are emulated and slow on CPUs
 
+    @property
+    def native_bf16(self) -> bool:
+        return self.features.onednn_bf16
+
+    @property
+    def bf16_upcast_rows(self) -> int | None:
+        """Rows from which a bf16 matmul runs in float32 on an upcast weight; None with oneDNN bf16."""
+        return None if self.native_bf16 else BF16_UPCAST_ROWS
+
     def matmul_kinds(self) -> frozenset[str]:
         return frozenset({"bf16"} if self.native_bf16 else set())
 
     def int8_activations(self) -> bool:
-        # torch._int_mm runs on CPUs but without VNNI/AMX it is slower than weight-only INT8.
+        # torch._int_mm runs on CPUs, but no measurement yet shows it beating weight-only INT8
+        # (without VNNI/AMX it is slower); weight-only it stays until one does.
         return False
+
+    def kernels(self) -> dict[str, str]:
+        level = self.features.aten
+        if self.native_bf16:
+            bf16 = f"oneDNN bf16 GEMM on {self.features.bf16_engine()}"
+        else:
+            bf16 = f"torch's bf16 GEMM below {BF16_UPCAST_ROWS} rows, float32 GEMM on an upcast weight from there"
+        int8 = (f"torch._weight_int8pack_mm ({level} kernel) for bf16 inputs of width K % "
+                f"{INT8PACK_K_MULTIPLE[level]} == 0; otherwise dequantize, then the bf16 matmul")
+        attention = "bf16" if self.native_bf16 else "float32 (bf16 inputs upcast)"
+        return {"bf16 matmul": bf16, "INT8 weight-only": int8,
+                "INT8 activations (W8A8)": "off (weight-only INT8)", "attention": attention}
 
     def auto_dtype(self, checkpoint_dtype: str | None, weight_kind: str = "float") -> tuple[torch.dtype, str]:
         if weight_kind == "int8":
@@ -54,9 +93,8 @@ class CpuPlatform(Platform):
         return dtype, reason
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # CPUs without native bf16 (AVX2) run a bf16 GEMM row by row: at 16 rows and more,
-        # converting the weight and multiplying in float32 is several times faster.
-        if x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] >= BF16_UPCAST_ROWS and not self.native_bf16:
+        upcast_rows = self.bf16_upcast_rows
+        if x.dtype == torch.bfloat16 and upcast_rows is not None and x.numel() // x.shape[-1] >= upcast_rows:
             bias = None if bias is None else bias.float()
             return F.linear(x.float(), self._as_float32(weight), bias).to(torch.bfloat16)
         return F.linear(x, weight, bias)
@@ -70,12 +108,12 @@ class CpuPlatform(Platform):
         return self._scratch[:size].view(weight.shape).copy_(weight)
 
     def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # PyTorch's weight-only INT8 kernel: fast for bf16 inputs, slow for float32 ones; it
-        # crashes (segfault, torch 2.13) when the input width is not a multiple of 8.
-        if x.dtype != torch.bfloat16 or x.shape[-1] % 8:
+        if not int8pack_accepts(self.features.aten, x.dtype, x.shape[-1], weight):
             return super().int8_linear(x, weight, scale, bias)
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale.to(x.dtype))
-        y = y.view(*x.shape[:-1], -1)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if rows.data_ptr() % INT8PACK_INPUT_ALIGN[self.features.aten]:
+            rows = rows.clone()  # a view into a larger buffer; a fresh tensor is 64-byte aligned
+        y = torch._weight_int8pack_mm(rows, weight, scale.to(x.dtype)).view(*x.shape[:-1], -1)
         return y if bias is None else y + bias
 
     def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,9 +127,3 @@ class CpuPlatform(Platform):
 
     def memory_info(self, device: torch.device) -> None:
         return None  # host memory: the engine takes a fixed KV budget unless told otherwise
-
-    _scratch = torch.empty(0)
-
-    @functools.cached_property
-    def native_bf16(self) -> bool:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
