@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,6 @@ from xpuserve.platforms.cpu_features import ATEN_LEVELS, CpuFeatures, aten_level
 from xpuserve.quantization import int8
 from xpuserve.weights import load_model
 
-AVX2 = CpuFeatures("AVX2 server (EPYC-like)", frozenset({"avx2", "fma"}), "AVX2", onednn_bf16=False)
 AVX512 = CpuFeatures("AVX-512 server", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
                      "AVX512", onednn_bf16=True)
 AMX = CpuFeatures("AMX server (Xeon-like)", AVX512.flags | {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"},
@@ -40,6 +40,11 @@ KERNEL_CHECK = Path(__file__).with_name("cpu_kernel_check.py")
 
 def weight(n: int, k: int) -> torch.Tensor:
     return torch.randint(-127, 128, (n, k), dtype=torch.int8)
+
+
+def relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    got, ref = torch.cat(got), torch.cat(ref)
+    return ((got - ref).norm() / ref.norm()).item()
 
 
 def test_detected_features_name_this_cpu():
@@ -102,10 +107,16 @@ def test_int8_kernels_run_for_real_at_each_aten_level_this_cpu_has(level):
     assert set(report["kernel_widths"]) == {k for k in report["widths"] if k % multiple == 0}
 
 
-@pytest.mark.parametrize("features", [AVX2, AMX], ids=["upcast", "native-bf16"])
-def test_bf16_paths_are_right_on_this_cpu(features):
+def with_bf16(native: bool) -> CpuFeatures:
+    """This CPU's features with the bf16 choice of a CPU that has (AMX, AVX-512) or lacks (AVX2) oneDNN bf16."""
+    return replace(detect(), onednn_bf16=native)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["upcast", "native-bf16"])
+def test_bf16_paths_are_right_on_this_cpu(native):
     """Both bf16 matmul paths (float32 upcast from BF16_UPCAST_ROWS rows; oneDNN bf16) and the
     attention and bmm dtypes each give the float32 result, whichever this CPU would pick."""
+    features = with_bf16(native)
     cpu = CpuPlatform(features)
     w = torch.randn(72, 200).bfloat16()
     for rows in (1, BF16_UPCAST_ROWS - 1, BF16_UPCAST_ROWS, 40):
@@ -121,6 +132,23 @@ def test_bf16_paths_are_right_on_this_cpu(features):
     assert cpu.auto_dtype("bfloat16")[0] == (torch.bfloat16 if features.onednn_bf16 else torch.float32)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["upcast", "native-bf16"])
+def test_bf16_model_on_either_bf16_path(tmp_path, monkeypatch, native):
+    """A whole bf16 model (MLA attention, MoE) on each bf16 path: logits near float32's."""
+    make_checkpoint("v3_grouped", tmp_path)
+    prompts = random_prompts([7, 19], 256)
+    float32 = prompt_logits(load_model(tmp_path, dtype="float32", device="cpu"), prompts)
+
+    class Forced(CpuPlatform):
+        def __init__(self):
+            super().__init__(with_bf16(native))
+
+    monkeypatch.setitem(PLATFORMS, "cpu", Forced)
+    model = load_model(tmp_path, dtype="bfloat16", device="cpu")
+    assert model.serving_format.dtype == torch.bfloat16
+    assert relative_error(prompt_logits(model, prompts), float32) < 0.05
+
+
 class ForcedAvx512(CpuPlatform):
     def __init__(self):
         super().__init__(AMX)
@@ -128,11 +156,6 @@ class ForcedAvx512(CpuPlatform):
 
 # Every INT8 width of these is one the AVX-512 kernel crashed on, or one it runs: both paths in one model.
 ODD_MODELS = {"v3_grouped": ODD_SHAPES, "qwen2": dict(hidden_size=128, intermediate_size=1000)}
-
-
-def relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    got, ref = torch.cat(got), torch.cat(ref)
-    return ((got - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("arch", ODD_MODELS)
