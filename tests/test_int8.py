@@ -147,7 +147,7 @@ def test_served_fp8_shard_keeps_the_checkpoint_bytes(tmp_path, dim, start, stop)
     weight cut there: rows anywhere, columns at 128-column block boundaries."""
     from safetensors.torch import save_file
 
-    from xpuserve.distributed.shard import Shard
+    from xpuserve.models.shard import Shard
     from xpuserve.quantization import fp8
     from xpuserve.weights.checkpoint import Checkpoint
     from xpuserve.weights.loader import load_one

@@ -18,7 +18,7 @@ from xpuserve.platforms import DeviceError
 from xpuserve.platforms.base import Platform
 
 # A collective that waits longer than this is taken as a hung or dead peer. Ranks never wait
-# longer legitimately: an idle driver sends a heartbeat step every lockstep.HEARTBEAT_S.
+# longer legitimately: an idle driver sends a heartbeat step every engine/lockstep.py HEARTBEAT_S.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
 
 

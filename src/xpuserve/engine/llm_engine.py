@@ -18,8 +18,8 @@ from xpuserve.engine.sampler import SamplingRequest
 from xpuserve.engine.scheduler import Scheduler
 from xpuserve.engine.sequence import Sequence
 from xpuserve.distributed import comm_device, init_distributed, liveness, min_over_ranks, rank_device
-from xpuserve.distributed.expert_load import ExpertLoad, expert_load
-from xpuserve.distributed.lockstep import StepChannel, follow, stop_followers
+from xpuserve.engine.expert_load import ExpertLoad, expert_load
+from xpuserve.engine.lockstep import StepChannel, follow, stop_followers
 from xpuserve.detokenizer import IncrementalDetokenizer, StopChecker
 from xpuserve.platforms import resolve_device
 from xpuserve.sampling_params import SamplingParams

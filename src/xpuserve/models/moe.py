@@ -9,7 +9,7 @@ from torch import nn
 from xpuserve.config import ModelConfig
 from xpuserve.models.linear import current_weight_format, matmul, quantized_weight, weight_rows
 from xpuserve.distributed import all_reduce, parallel_state
-from xpuserve.distributed.shard import OTHER_RANK, shard
+from xpuserve.models.shard import OTHER_RANK, shard
 from xpuserve.models.mlp import MLP
 from xpuserve.models.parallel import rank_range
 

@@ -17,7 +17,7 @@ from torch import nn
 from xpuserve.distributed import all_gather_last_dim, all_reduce, parallel_state
 from xpuserve.models.linear import Linear, PackedLinear, matmul
 from xpuserve.platforms import current_platform
-from xpuserve.distributed.shard import shard
+from xpuserve.models.shard import shard
 
 
 def divide(size: int, what: str) -> int:

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from xpuserve.config import ModelConfig
-from xpuserve.distributed.shard import OTHER_RANK, Shard, load_shard
+from xpuserve.models.shard import OTHER_RANK, Shard
+from xpuserve.weights.shard import load_shard
 from xpuserve.models import build_model
 from xpuserve.models.decoder import CausalLM
 from xpuserve.platforms import resolve_device

@@ -1,35 +1,15 @@
-"""Load targets that take only part of a checkpoint tensor, so each rank reads only its shard.
+"""Reading a rank's shard of a checkpoint tensor (models/shard.py says which part it holds).
 
-A `Shard` wraps the usual target (a tensor view, Int8Rows or Fp8Rows) with the range of the
-checkpoint tensor it takes along one dimension; `OTHER_RANK` marks a checkpoint tensor another
-rank holds (a routed expert under expert parallelism). Only the shard's bytes are read from the
-memory-mapped file (safetensors' get_slice). Served FP8 keeps the checkpoint's bytes; otherwise
-FP8 blocks around the shard are read and dequantized, then cut.
+Only the shard's bytes are read from the memory-mapped file (safetensors' get_slice). Served FP8
+keeps the checkpoint's bytes; otherwise FP8 blocks around the shard are read and dequantized, then cut.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from xpuserve.distributed.state import parallel_state
+from xpuserve.models.shard import Shard
 from xpuserve.quantization import fp8, int8
-
-OTHER_RANK = object()
-
-
-@dataclass
-class Shard:
-    target: object  # what the rank holds: a tensor view, Int8Rows or Fp8Rows
-    dim: int  # 0: rows (output features, vocabulary, heads); 1: columns (input features)
-    start: int
-    stop: int
-
-
-def shard(target, dim: int, start: int, stop: int):
-    """`target` takes [start, stop) of the checkpoint tensor along `dim`; on one rank, all of it."""
-    return target if not parallel_state().distributed else Shard(target, dim, start, stop)
 
 
 def _index(dim: int, start: int, stop: int) -> tuple[slice, ...]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from xpuserve.models.moe import Experts
+
 
 @dataclass
 class ExpertLoad:
@@ -22,8 +24,6 @@ class ExpertLoad:
 
 def expert_load(model: nn.Module, world_size: int = 1) -> ExpertLoad | None:
     """None for a dense model."""
-    from xpuserve.models.moe import Experts
-
     layers = [m for m in model.modules() if isinstance(m, Experts)]
     if not layers:
         return None
