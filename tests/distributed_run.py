@@ -49,7 +49,7 @@ def stop_during_long_step(engine: LLMEngine, seconds: float) -> None:
     inside = threading.Event()
 
     def long_step():
-        with engine.channel.lock:
+        with engine.worker.channel.lock:
             inside.set()
             time.sleep(seconds)
 
@@ -65,14 +65,14 @@ def main(spec_file: str) -> None:
         result = {"parameters": parameters(engine)}
         if engine.parallel.is_driver:
             result["outputs"], result["prompt_scores"] = serve_prompts(engine, spec["prompts"], spec["max_tokens"])
-            result["tokens_computed"] = engine.runner.num_tokens_computed
+            result["tokens_computed"] = engine.worker.runner.num_tokens_computed
             if "last_step_s" in case:
                 stop_during_long_step(engine, case["last_step_s"])
             else:
                 engine.shutdown()
         else:
-            engine.run_worker()
-        load = engine.expert_load()
+            engine.worker.run_follower()
+        load = engine.worker.expert_load()
         if load is not None:
             result["tokens_per_expert"], result["tokens_per_rank"] = load.tokens_per_expert, load.tokens_per_rank
         rank, alive = engine.parallel.rank, weakref.ref(engine)

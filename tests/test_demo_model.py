@@ -102,7 +102,7 @@ def test_default_llm_is_the_demo_model_and_answers(problems):
 
 
 def test_accuracy_holds_under_preemption_and_chunked_prefill(problems):
-    per_token = LLM(MODEL_DIR, device="cpu").engine.kv_bytes_per_token
+    per_token = LLM(MODEL_DIR, device="cpu").engine.worker.kv_bytes_per_token
     # 256 tokens of cache for 200 sequences of about 60 tokens; prompts split into chunks of at most 64 tokens.
     llm = LLM(MODEL_DIR, device="cpu", block_size=4, kv_cache_memory=256 * per_token, max_num_batched_tokens=64)
     assert accuracy(llm, problems) >= 0.95

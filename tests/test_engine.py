@@ -70,7 +70,7 @@ def test_batch_equals_transformers(case, engine_args):
 
 def test_preemption_keeps_outputs(case):
     path, prompts, max_tokens, expected = case
-    per_token = LLM(path, dtype="float32", device="cpu").engine.kv_bytes_per_token
+    per_token = LLM(path, dtype="float32", device="cpu").engine.worker.kv_bytes_per_token
     # 24 blocks of 4 tokens: far less than the 32 requests need at once.
     llm = LLM(path, dtype="float32", device="cpu", block_size=4, kv_cache_memory=24 * 4 * per_token)
     assert llm.engine.num_cache_tokens == 96
@@ -81,7 +81,7 @@ def test_preemption_keeps_outputs(case):
 
 def test_a_kv_budget_without_one_block_is_refused_with_the_numbers(case):
     path = case[0]
-    per_token = LLM(path, dtype="float32", device="cpu").engine.kv_bytes_per_token
+    per_token = LLM(path, dtype="float32", device="cpu").engine.worker.kv_bytes_per_token
     budget = 4 * per_token - 1  # one byte short of a block of 4 tokens
     with pytest.raises(ValueError, match=f"KV cache budget of {budget} bytes holds no block of 4 tokens"):
         LLM(path, dtype="float32", device="cpu", block_size=4, kv_cache_memory=budget)
@@ -101,9 +101,9 @@ def test_prefix_cache_computes_only_the_suffix(case):
     first = shared + [5, 6, 7]
     second = shared + [9, 8, 7, 6, 5]
     llm.generate([first], greedy(4))
-    before = llm.engine.runner.num_tokens_computed
+    before = llm.engine.worker.runner.num_tokens_computed
     [cached] = llm.generate([second], greedy(4))
-    computed = llm.engine.runner.num_tokens_computed - before
+    computed = llm.engine.worker.runner.num_tokens_computed - before
     hit = cached.metrics.num_cached_tokens
     assert hit == len(shared) // 4 * 4
     assert computed == len(second) - hit + 3  # the suffix, then one token per decode step
@@ -139,7 +139,7 @@ def test_latent_cache_holds_only_latent_and_rope_key(case):
     else:
         per_token = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * 2
     assert total == per_token * slots
-    assert llm.engine.kv_bytes_per_token == per_token
+    assert llm.engine.worker.kv_bytes_per_token == per_token
 
 
 def test_sampling_features(case):

@@ -53,7 +53,7 @@ def test_prompt_logprobs_equal_transformers(case, engine_args, monkeypatch):
     path, prompts, expected = case
     monkeypatch.setattr(runner, "SCORE_ROWS", 7)  # several passes of the head per step
     if engine_args.get("kv_cache_memory") == "tiny":
-        per_token = LLM(path, dtype="float32", device="cpu").engine.kv_bytes_per_token
+        per_token = LLM(path, dtype="float32", device="cpu").engine.worker.kv_bytes_per_token
         engine_args = dict(engine_args, kv_cache_memory=24 * 4 * per_token)  # 96 tokens for 131 prompt + 150 output tokens
     llm = LLM(path, dtype="float32", device="cpu", **engine_args)
     # Run the prompts once without scoring, so the prefix cache holds them: scoring must still compute them.

@@ -108,15 +108,15 @@ def test_numeric_strings_are_text_prompts_and_echo_only_ignores_min_tokens(clien
 def test_a_client_that_hangs_up_stops_its_unstreamed_batch(server):
     url, engine = server
     body = {"model": MODEL_NAME, "prompt": [[3] * 20, [4] * 20, [5] * 20], "max_tokens": 450, "ignore_eos": True}
-    computed = engine.runner.num_tokens_computed
+    computed = engine.worker.runner.num_tokens_computed
     with pytest.raises(httpx.ReadTimeout):  # the whole batch takes seconds here
         httpx.post(url + "/v1/completions", json=body, timeout=0.5)
     for _ in range(100):
-        if not engine.requests and engine.block_manager.num_free_blocks == len(engine.block_manager.blocks):
+        if not engine.output_processor.requests and engine.block_manager.num_free_blocks == len(engine.block_manager.blocks):
             break
         asyncio.run(asyncio.sleep(0.05))
-    assert not engine.requests and engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
-    assert engine.runner.num_tokens_computed - computed < 3 * 450  # stopped long before max_tokens
+    assert not engine.output_processor.requests and engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
+    assert engine.worker.runner.num_tokens_computed - computed < 3 * 450  # stopped long before max_tokens
 
 
 def test_a_batch_with_one_bad_prompt_is_refused_whole(server):
@@ -227,19 +227,19 @@ def test_64_concurrent_streams_and_metrics(server, client):
 def test_disconnect_mid_stream_frees_blocks(server, prompt):
     url, engine = server
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
-    computed = engine.runner.num_tokens_computed
+    computed = engine.worker.runner.num_tokens_computed
     with httpx.stream("POST", url + "/v1/completions", json=body) as response:
         assert response.status_code == 200
         for i, _ in enumerate(response.iter_lines()):
             if i == 6:
                 break  # leave mid-stream: closing the connection must abort the request
     for _ in range(200):
-        if engine.block_manager.num_free_blocks == len(engine.block_manager.blocks) and not engine.requests:
+        if engine.block_manager.num_free_blocks == len(engine.block_manager.blocks) and not engine.output_processor.requests:
             break
         asyncio.run(asyncio.sleep(0.05))
-    assert not engine.requests
+    assert not engine.output_processor.requests
     assert engine.block_manager.num_free_blocks == len(engine.block_manager.blocks)
-    assert engine.runner.num_tokens_computed - computed < 450  # aborted, not run to max_tokens
+    assert engine.worker.runner.num_tokens_computed - computed < 450  # aborted, not run to max_tokens
 
 
 def _metric(url: str, name: str) -> float:
@@ -321,3 +321,34 @@ def test_split_reasoning_is_stream_safe():
         parts = [parser.feed(text[:cut]), parser.feed(text[cut:]), parser.finish()]
         assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == whole
     assert split_reasoning("unfinished thought") == ("unfinished thought", "")
+
+
+class CountingBackend:
+    """The tokenizers.Tokenizer the server uses, recording every text it encodes."""
+
+    def __init__(self, backend):
+        self.backend, self.encoded = backend, []
+
+    def encode(self, text, **kwargs):
+        self.encoded.append(text)
+        return self.backend.encode(text, **kwargs)
+
+    def encode_batch(self, texts, **kwargs):
+        self.encoded.extend(texts)
+        return self.backend.encode_batch(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def test_a_text_prompt_is_tokenized_once(server, monkeypatch):
+    url, engine = server
+    counting = CountingBackend(engine.tokenizer.backend)
+    monkeypatch.setattr(engine.tokenizer, "backend", counting)
+    prompt = "12+34="
+    for stream in (False, True):
+        counting.encoded.clear()
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 3, "temperature": 0, "stream": stream}
+        response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert counting.encoded == [prompt], stream

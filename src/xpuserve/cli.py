@@ -70,7 +70,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     engine = LLMEngine(engine_config(args.model_dir or default_model(), args))
     if not engine.parallel.is_driver:  # under torchrun: rank 0 talks, the others follow its steps
-        engine.run_worker()
+        engine.worker.run_follower()
         return
     chat_loop(engine, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed))
 

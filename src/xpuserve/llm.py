@@ -26,7 +26,7 @@ class LLM:
             raise TypeError(f"unknown engine argument(s) {sorted(unknown)}; known: {sorted(known - {'model'})}")
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args))
         if not self.engine.parallel.is_driver:  # under torchrun, ranks > 0 run rank 0's steps and end with it
-            self.engine.run_worker()
+            self.engine.worker.run_follower()
             sys.exit(0)
         self._ids = count()
 
@@ -41,7 +41,10 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
         for request_id, prompt, p in zip(ids, prompts, params):
-            self.engine.add_request(request_id, prompt, p)
+            if isinstance(prompt, str):
+                self.engine.add_request(request_id, self.engine.tokenizer.encode(prompt), p, prompt=prompt)
+            else:
+                self.engine.add_request(request_id, prompt, p)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():

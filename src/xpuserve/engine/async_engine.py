@@ -2,7 +2,8 @@
 
 The LLMEngine is not thread-safe, so every call into it happens on the engine thread: the
 event loop hands over adds and aborts through a queue, and the engine thread hands outputs
-back with loop.call_soon_threadsafe.
+back with loop.call_soon_threadsafe. What the event loop may read is `info` (fixed at start-up)
+and `stats()` (counters).
 
 The engine thread also builds the engine. On CPUs, torch's OpenMP gives every thread that
 runs parallel work a team of its own; with the model loaded on one thread and stepped on
@@ -19,7 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from xpuserve.engine.llm_engine import LLMEngine
-from xpuserve.engine.outputs import RequestOutput
+from xpuserve.engine.model_info import ModelInfo
+from xpuserve.engine.outputs import EngineStats, RequestOutput
 from xpuserve.sampling_params import SamplingParams
 
 
@@ -34,8 +36,9 @@ class EngineDead(RuntimeError):
 @dataclass
 class _Add:
     request_id: str
-    prompt: str | list[int]
+    prompt_token_ids: list[int]
     params: SamplingParams
+    prompt: str | None
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -55,16 +58,22 @@ class AsyncEngine:
         built.wait()
         if self.engine is None:
             raise self.error
+        self.info: ModelInfo = self.engine.info
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs as they grow; the last one has finished=True.
+    def stats(self) -> EngineStats:
+        return self.engine.stats()  # plain counters, read between steps or during one: never torn
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs as they grow; the last one has finished=True. The request
+        was checked with `info.check_request`; `prompt` is the text the ids came from, if any.
         Leaving the loop early (client gone, task cancelled) aborts the request."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error!r}")
         if self._commands.qsize() + len(self.engine.scheduler.waiting) >= self.max_waiting:
             raise EngineOverloaded(f"{self.max_waiting} requests are already waiting")
         outputs: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, params, outputs, asyncio.get_running_loop()))
+        self._commands.put(_Add(request_id, prompt_token_ids, params, prompt, outputs, asyncio.get_running_loop()))
         finished = False
         try:
             while True:
@@ -80,10 +89,11 @@ class AsyncEngine:
                 self._commands.put(("abort", request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Aborts what is still running and stops the engine thread."""
+        """Aborts what is still running, stops the engine thread and the engine (and so the other ranks)."""
         self._stopping.set()
         self._commands.put(("stop", None))
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     def _run(self, make_engine: Callable[[], LLMEngine], built: threading.Event) -> None:
         try:
@@ -121,7 +131,7 @@ class AsyncEngine:
     def _apply(self, command) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt, command.params)
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
             except ValueError as e:
                 command.loop.call_soon_threadsafe(command.outputs.put_nowait, e)
                 return

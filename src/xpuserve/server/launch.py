@@ -19,7 +19,7 @@ from xpuserve.engine.async_engine import AsyncEngine
 from xpuserve.engine.llm_engine import LLMEngine
 from xpuserve.reasoning import THINK_END, THINK_START
 from xpuserve.server.app import ServerConfig, build_app
-from xpuserve.tokenizer import render_chat_template
+from xpuserve.tokenizer import Tokenizer, render_chat_template
 from xpuserve.weights.format import QUANTIZATIONS
 
 log = logging.getLogger("xpuserve")
@@ -67,26 +67,24 @@ def serve(model: str, args: argparse.Namespace) -> None:
     if launched_world_size() > 1 and launched_rank() > 0:
         engine = LLMEngine(config)
         print(f"xpuserve: rank {engine.parallel.rank} (pid {os.getpid()}) follows rank 0", flush=True)
-        engine.run_worker()
+        engine.worker.run_follower()
         return
     listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once, in one line
     async_engine = AsyncEngine(lambda: LLMEngine(config), max_waiting=args.max_waiting_requests)
-    engine = async_engine.engine
+    info = async_engine.info
     chat_template = Path(args.chat_template).read_text() if args.chat_template else None
     if chat_template is not None:
         render_chat_template(chat_template, messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True)
     config = ServerConfig(
         served_model_name=args.served_model_name or Path(model).name,
         api_key=args.api_key,
-        reasoning=reasoning_enabled(args.reasoning_parser, engine),
+        reasoning=reasoning_enabled(args.reasoning_parser, info.tokenizer),
         chat_template=chat_template,
     )
     app = build_app(async_engine, config)
-    weights = engine.model.model.embed_tokens.weight
     print(
-        f"xpuserve: serving {config.served_model_name} on {weights.device} ({str(weights.dtype).removeprefix('torch.')}), "
-        f"{_ranks(engine)}KV cache {engine.num_cache_tokens} tokens, reasoning {'on' if config.reasoning else 'off'}, "
-        f"http://{args.host}:{args.port}/v1\nxpuserve: {engine.model.serving_format.describe()}",
+        f"xpuserve: serving {config.served_model_name} on {info.description}, reasoning {'on' if config.reasoning else 'off'}, "
+        f"http://{args.host}:{args.port}/v1\nxpuserve: {info.serving_format}",
         flush=True,
     )
     # uvicorn drains connections on SIGINT/SIGTERM, then raises the signal again for the handler
@@ -97,7 +95,6 @@ def serve(model: str, args: argparse.Namespace) -> None:
         uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[listener])
     finally:
         async_engine.shutdown()
-        engine.shutdown()
         print("xpuserve: shut down", flush=True)
 
 
@@ -109,19 +106,12 @@ def _listen(host: str, port: int) -> socket.socket:
         raise SystemExit(2) from None
 
 
-def _ranks(engine: LLMEngine) -> str:
-    parallel = engine.parallel
-    if not parallel.distributed:
-        return ""
-    return f"{parallel.world_size} ranks (tensor parallel{', expert parallel' if parallel.expert_parallel else ''}), "
-
-
 def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def reasoning_enabled(choice: str, engine: LLMEngine) -> bool:
+def reasoning_enabled(choice: str, tokenizer: Tokenizer) -> bool:
     if choice != "auto":
         return choice == "deepseek_r1"
-    backend = engine.tokenizer.backend
+    backend = tokenizer.backend
     return backend.token_to_id(THINK_START) is not None and backend.token_to_id(THINK_END) is not None

@@ -26,7 +26,7 @@ async def render_chat(state, messages, add_generation_prompt: bool, tools: list[
                            f"chat_template_kwargs.{key}")
     dicts = [{**m.model_dump(exclude_none=True), "content": m.content} for m in messages]
     try:
-        return await run_in_threadpool(state.engine.engine.tokenizer.apply_chat_template, dicts, add_generation_prompt,
+        return await run_in_threadpool(state.engine.info.tokenizer.apply_chat_template, dicts, add_generation_prompt,
                                        state.config.chat_template, tools=tools, **(template_kwargs or {}))
     except ChatTemplateError as e:
         raise APIError(400, str(e), "messages") from None
