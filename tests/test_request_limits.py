@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -47,11 +46,10 @@ def assert_still_serving(url: str) -> None:
 
 def test_huge_n_is_refused_at_once_without_memory_growth(url):
     before = rss_bytes()
-    start = time.perf_counter()
-    response = httpx.post(url + "/v1/completions", json={**COMPLETION, "max_tokens": 8, "n": 2147483648}, timeout=10)
-    elapsed = time.perf_counter() - start
+    # The answer must come within a second (the old server never answered): a client deadline,
+    # not a measured speed.
+    response = httpx.post(url + "/v1/completions", json={**COMPLETION, "max_tokens": 8, "n": 2147483648}, timeout=1.0)
     assert_openai_error(response, 400, "n")
-    assert elapsed < 1.0
     assert_still_serving(url)
     assert rss_bytes() - before < 100 << 20
 
