@@ -64,3 +64,19 @@ def test_config_field_of_the_wrong_type_is_one_line_error(tmp_path, model_dir, f
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "config.json" in lines[0], result.stderr
+
+
+def test_generate_runs_through_the_engine(model_dir):
+    """Engine flags reach the engine: two prompts through a one-sequence batch print what LLM.generate returns."""
+    from xpuserve import LLM, SamplingParams
+
+    prompts = ["hello there", "a"]
+    outputs = LLM(model_dir, dtype="float32", device="cpu").generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    args = [a for p in prompts for a in ("--prompt", p)]
+    result = run_cli("generate", str(model_dir), *args, "--max-tokens", "6", "--dtype", "float32", "--device", "cpu",
+                     "--max-num-seqs", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "\n".join(p + o.outputs[0].text + "\n" for p, o in zip(prompts, outputs))
+    assert all(o.outputs[0].text for o in outputs)
+    too_long = run_cli("generate", str(model_dir), "--prompt", "hi", "--max-model-len", "2", "--device", "cpu")
+    assert too_long.returncode == 2 and "max_model_len" in too_long.stderr, too_long.stderr

@@ -1,78 +1,100 @@
-"""Command line: `xpuserve <subcommand> ...`, one small function per subcommand."""
+"""Command line: `xpuserve <subcommand> ...`. Every subcommand is registered the same way, by an
+`add_..._command(sub)` that sets `func`: this module's for the engine's, bench/cli.py's and planner/cli.py's.
+
+The engine's commands import what they run inside `func`: the engine brings torch, and
+`xpuserve bench`, `xpuserve plan` and every `--help` should not wait for it."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
+from xpuserve.bench import cli as bench_cli
 from xpuserve.bench.client import EndpointError
-from xpuserve.config import ConfigError
-from xpuserve.generate import generate
-from xpuserve.platforms import DeviceError
-from xpuserve.tokenizer import ChatTemplateError, Tokenizer
-from xpuserve.weights import CheckpointError, load_model
-from xpuserve.weights.format import QUANTIZATIONS
+from xpuserve.config import CONVERT_TARGETS
+from xpuserve.demo import MODEL_DIR
+from xpuserve.engine_args import add_engine_args, engine_kwargs, positive_int
+from xpuserve.planner import cli as planner_cli
+from xpuserve.sampling_params import SamplingParams
 
 # Errors that mean "this model folder (or endpoint) cannot be used": reported in one line, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, ChatTemplateError, DeviceError, EndpointError, FileNotFoundError, FileExistsError,
-               ValueError)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# ConfigError, CheckpointError and ChatTemplateError are ValueErrors; DeviceError: see device_error().
+USER_ERRORS = (EndpointError, FileNotFoundError, FileExistsError, ValueError)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def device_error() -> type[Exception]:
+    from xpuserve.platforms import DeviceError  # torch: asked for only once a command has raised
+
+    return DeviceError
 
 
-def completion_text(tokenizer: Tokenizer, prompt_ids: list[int], output_ids: list[int]) -> str:
-    """Text the output adds after the prompt; decoding the output alone would lose a leading space."""
-    prefix = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(prompt_ids + output_ids)
-    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(output_ids)
+def add_train_demo_command(sub) -> None:
+    sub.add_parser("train-demo", help="retrain the bundled demo model (python -m xpuserve.demo.train --help)")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model = load_model(args.model_dir, dtype=args.dtype, device=args.device, quantization=args.quantization)
-    print(f"xpuserve: {model.serving_format.describe()}", file=sys.stderr, flush=True)
-    tokenizer = Tokenizer.from_pretrained(args.model_dir)
-    prompts = [tokenizer.encode(p) for p in args.prompt]
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    outputs = generate(model, prompts, args.max_tokens, args.temperature, stop_token_ids=stop, seed=args.seed)
-    for i, (text, ids, out) in enumerate(zip(args.prompt, prompts, outputs)):
+    from xpuserve.llm import LLM
+
+    llm = LLM(args.model_dir, **engine_kwargs(args))
+    print(f"xpuserve: {llm.engine.model.serving_format.describe()}", file=sys.stderr, flush=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    for i, (prompt, output) in enumerate(zip(args.prompt, llm.generate(args.prompt, params))):
         if i:
             print()
-        print(text + completion_text(tokenizer, ids, out), flush=True)
+        print(prompt + output.outputs[0].text, flush=True)
 
 
-def default_model() -> str:
-    """The bundled demo model, when the package has one."""
-    try:
-        from xpuserve.demo import MODEL_DIR
-    except ImportError:
-        raise FileNotFoundError("no MODEL_DIR given and this xpuserve has no bundled demo model") from None
-    return str(MODEL_DIR)
+def add_generate_command(sub) -> None:
+    gen = sub.add_parser("generate", help="complete prompts offline and print the text")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    gen.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from xpuserve.chat import chat_loop
+    from xpuserve.llm import LLM
+
+    llm = LLM(args.model_dir or MODEL_DIR, **engine_kwargs(args))  # under torchrun, only rank 0 returns
+    chat_loop(llm.engine, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed))
+
+
+def add_chat_command(sub) -> None:
+    chat = sub.add_parser("chat", help="talk to a model in the terminal (thought dimmed, answer plain)")
+    chat.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
+    chat.add_argument("--max-tokens", type=positive_int, default=1024, help="longest reply in tokens (default 1024)")
+    chat.add_argument("--temperature", type=float, default=0.6, help="0 means greedy (default 0.6, as DeepSeek recommends for R1)")
+    chat.add_argument("--seed", type=int, default=None)
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from xpuserve.server.launch import serve
 
-    serve(args.model_dir or default_model(), args)
+    serve(args.model_dir or str(MODEL_DIR), args)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
-    from xpuserve.chat import chat_loop
-    from xpuserve.engine.llm_engine import LLMEngine
-    from xpuserve.sampling_params import SamplingParams
-    from xpuserve.server.launch import engine_config
-
-    engine = LLMEngine(engine_config(args.model_dir or default_model(), args))
-    if not engine.parallel.is_driver:  # under torchrun: rank 0 talks, the others follow its steps
-        engine.worker.run_follower()
-        return
-    chat_loop(engine, SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed))
+def add_serve_command(sub) -> None:
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    srv.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize")
+    srv.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead of the model's")
+    srv.add_argument("--reasoning-parser", choices=("auto", "deepseek_r1", "none"), default="auto",
+                     help="split <think>...</think> into reasoning_content; auto: on when the tokenizer has the think tokens")
+    srv.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this many waiting, answer 429")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -87,66 +109,37 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"copied {', '.join(stats.copied)}")
 
 
-def cmd_env(args: argparse.Namespace) -> None:
-    import json
+def add_convert_command(sub) -> None:
+    conv = sub.add_parser("convert", help="rewrite a checkpoint once, offline, as bf16 or int8")
+    conv.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (bf16, float32 or DeepSeek's FP8)")
+    conv.add_argument("dst", metavar="DST", help="new or empty folder for the converted checkpoint")
+    conv.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="bf16, or int8 weights with per-row scales")
+    conv.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help=f"largest shard file (default {DEFAULT_MAX_SHARD_SIZE})")
+    conv.set_defaults(func=cmd_convert)
 
+
+def cmd_env(args: argparse.Namespace) -> None:
     from xpuserve.env import collect, format_text
 
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_text(info))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train-demo", help="retrain the bundled demo model (python -m xpuserve.demo.train --help)")
-
-    gen = sub.add_parser("generate", help="complete prompts offline and print the text")
-    gen.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint folder")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
-    gen.add_argument("--max-tokens", type=positive_int, default=64, help="new tokens per prompt (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or npu[:N]")
-    gen.add_argument("--dtype", default="auto", choices=DTYPES)
-    gen.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None)
-    gen.set_defaults(func=cmd_generate)
-
-    from xpuserve.server.launch import add_engine_args, add_serve_args
-
-    chat = sub.add_parser("chat", help="talk to a model in the terminal (thought dimmed, answer plain)")
-    chat.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
-    chat.add_argument("--max-tokens", type=positive_int, default=1024, help="longest reply in tokens (default 1024)")
-    chat.add_argument("--temperature", type=float, default=0.6, help="0 means greedy (default 0.6, as DeepSeek recommends for R1)")
-    chat.add_argument("--seed", type=int, default=None)
-    add_engine_args(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
-    srv.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="Hugging Face checkpoint folder (default: the demo model)")
-    add_serve_args(srv)
-    srv.set_defaults(func=cmd_serve)
-
-    from xpuserve.planner.cli import add_planner_commands
-
-    add_planner_commands(sub)  # plan, calibrate
-
-    from xpuserve.bench.cli import add_bench_command
-
-    add_bench_command(sub)
-
-    from xpuserve.weights.convert import DEFAULT_MAX_SHARD_SIZE, TARGETS
-
-    conv = sub.add_parser("convert", help="rewrite a checkpoint once, offline, as bf16 or int8")
-    conv.add_argument("src", metavar="SRC", help="Hugging Face checkpoint folder (bf16, float32 or DeepSeek's FP8)")
-    conv.add_argument("dst", metavar="DST", help="new or empty folder for the converted checkpoint")
-    conv.add_argument("--to", required=True, choices=TARGETS, help="bf16, or int8 weights with per-row scales")
-    conv.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help=f"largest shard file (default {DEFAULT_MAX_SHARD_SIZE})")
-    conv.set_defaults(func=cmd_convert)
-
+def add_env_command(sub) -> None:
     env = sub.add_parser("env", help="print versions, devices and the formats auto would choose (for bug reports)")
     env.add_argument("--json", action="store_true", help="machine-readable output")
     env.set_defaults(func=cmd_env)
+
+
+COMMANDS = (add_train_demo_command, add_generate_command, add_chat_command, add_serve_command,
+            planner_cli.add_planner_commands, bench_cli.add_bench_command, add_convert_command, add_env_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xpuserve", description="Serve the DeepSeek-R1 model family.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 
@@ -161,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
-    except USER_ERRORS as e:
-        print(f"xpuserve: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("xpuserve: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`xpuserve plan ... | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no flush error at exit
+    except USER_ERRORS as e:
+        return user_error(e)
+    except device_error() as e:  # an except clause is evaluated only when reached
+        return user_error(e)
     return 0
+
+
+def user_error(e: Exception) -> int:
+    print(f"xpuserve: error: {e}", file=sys.stderr)
+    return 2

@@ -19,6 +19,9 @@ SUPPORTED_ARCHITECTURES = (
 )
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# Weight formats offered on the command line, here (no torch) so that parsing it stays quick.
+QUANTIZATIONS = ("int8",)  # `--quantization`: converted on load
+CONVERT_TARGETS = ("bf16", "int8")  # `xpuserve convert --to`
 
 
 class ConfigError(ValueError):
@@ -298,7 +301,6 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
-    seed: int = 0
     tensor_parallel_size: int = 1  # ranks (torchrun processes) the model is split across
     enable_expert_parallel: bool = False  # routed experts partitioned across the TP ranks instead of each split
 

@@ -1,4 +1,6 @@
-"""Offline generation over a contiguous per-sequence KV cache (the paged engine builds on the same model API)."""
+"""The reference path beside the engine: a loaded model over a contiguous per-sequence KV cache, no
+scheduler, no paging. Tests check the model against transformers with it, and the engine against it;
+`xpuserve generate` and `LLM.generate` run through the engine."""
 
 from __future__ import annotations
 

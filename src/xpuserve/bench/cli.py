@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from xpuserve.bench.report import save, table
+from xpuserve.bench.run import BenchConfig, run_benchmark
+from xpuserve.engine_args import positive_int
+
 
 def add_bench_command(sub) -> None:
-    from xpuserve.cli import positive_int
-
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (TTFT, TPOT, tok/s, $/M tokens)")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (default http://127.0.0.1:8000)")
     bench.add_argument("--model", default=None, help="model name to request (default: the first id of GET /v1/models)")
@@ -46,9 +48,6 @@ def _json_object(text: str) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from xpuserve.bench.report import save, table
-    from xpuserve.bench.run import BenchConfig, run_benchmark
-
     config = BenchConfig(
         base_url=args.base_url, model=args.model, endpoint=args.endpoint, num_prompts=args.num_prompts,
         random_input_len=args.random_input_len, random_output_len=args.random_output_len,

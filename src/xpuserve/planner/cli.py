@@ -6,36 +6,41 @@ import argparse
 import json
 from pathlib import Path
 
+from xpuserve.planner.chips import USER_FILE, load_chips
+from xpuserve.planner.models import resolve_model
+from xpuserve.planner.plan import Options, Workload, plan
+from xpuserve.planner.report import plot, summary_rows, table, to_json
+
 DTYPES = ("bf16", "fp8", "int8")
 
 
 def add_planner_commands(sub) -> None:
-    plan = sub.add_parser("plan", help="how many chips of which kind, and what a million tokens costs")
-    plan.add_argument("model", metavar="MODEL", help="checkpoint folder or built-in name (deepseek-r1, r1-distill-qwen-7b, ...)")
-    plan.add_argument("--chip", action="append", help="chip profile key; repeat (default: every shipped chip)")
-    plan.add_argument("--chips-file", help="extra TOML file of chip profiles (see xpuserve/planner/chips.toml)")
-    plan.add_argument("--dtype", default="bf16", choices=DTYPES, help="weight dtype (default bf16)")
-    plan.add_argument("--kv-dtype", default="bf16", choices=DTYPES, help="KV cache dtype (default bf16)")
-    plan.add_argument("--input-len", type=int, default=2000, help="prompt tokens per request (default 2000)")
-    plan.add_argument("--output-len", type=int, default=500, help="output tokens per request (default 500)")
-    plan.add_argument("--prefix-hit", type=float, default=0.0, help="fraction of prompt tokens in the prefix cache")
-    plan.add_argument("--rate", type=float, help="arrival rate, requests per second")
-    plan.add_argument("--concurrency", type=int, help="requests decoding at once")
-    plan.add_argument("--ttft-ms", type=float, default=2000.0, help="time-to-first-token target (default 2000)")
-    plan.add_argument("--tpot-ms", type=float, default=50.0, help="time-per-output-token target (default 50)")
-    plan.add_argument("--price", action="append", default=[], metavar="CHIP=USD", help="$ per chip-hour, e.g. h800=2.0")
-    plan.add_argument("--num-chips", type=int, help="a fixed deployment size")
-    plan.add_argument("--layout", action="append", help="only these layouts, e.g. TP8 or EP144")
-    plan.add_argument("--imbalance", type=float, default=1.0, help="hottest chip's expert load / mean, EP (default 1.0)")
-    plan.add_argument("--overlap", action="store_true", help="hide communication behind compute (two micro-batches)")
-    plan.add_argument("--compute-eff", type=float, help="fraction of peak matmul rate (default: the chip's)")
-    plan.add_argument("--memory-eff", type=float, help="fraction of peak memory bandwidth (default: the chip's)")
-    plan.add_argument("--comm-eff", type=float, help="fraction of peak link bandwidth (default: the chip's)")
-    plan.add_argument("--min-seqs", type=int, default=16, help="full-length sequences a useful KV cache holds (default 16)")
-    plan.add_argument("--all", action="store_true", help="print every layout tried, not only the best per chip")
-    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plan.add_argument("--plot", metavar="FILE", help="write a PNG chart comparing the chips")
-    plan.set_defaults(func=cmd_plan)
+    parser = sub.add_parser("plan", help="how many chips of which kind, and what a million tokens costs")
+    parser.add_argument("model", metavar="MODEL", help="checkpoint folder or built-in name (deepseek-r1, r1-distill-qwen-7b, ...)")
+    parser.add_argument("--chip", action="append", help="chip profile key; repeat (default: every shipped chip)")
+    parser.add_argument("--chips-file", help="extra TOML file of chip profiles (see xpuserve/planner/chips.toml)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="weight dtype (default bf16)")
+    parser.add_argument("--kv-dtype", default="bf16", choices=DTYPES, help="KV cache dtype (default bf16)")
+    parser.add_argument("--input-len", type=int, default=2000, help="prompt tokens per request (default 2000)")
+    parser.add_argument("--output-len", type=int, default=500, help="output tokens per request (default 500)")
+    parser.add_argument("--prefix-hit", type=float, default=0.0, help="fraction of prompt tokens in the prefix cache")
+    parser.add_argument("--rate", type=float, help="arrival rate, requests per second")
+    parser.add_argument("--concurrency", type=int, help="requests decoding at once")
+    parser.add_argument("--ttft-ms", type=float, default=2000.0, help="time-to-first-token target (default 2000)")
+    parser.add_argument("--tpot-ms", type=float, default=50.0, help="time-per-output-token target (default 50)")
+    parser.add_argument("--price", action="append", default=[], metavar="CHIP=USD", help="$ per chip-hour, e.g. h800=2.0")
+    parser.add_argument("--num-chips", type=int, help="a fixed deployment size")
+    parser.add_argument("--layout", action="append", help="only these layouts, e.g. TP8 or EP144")
+    parser.add_argument("--imbalance", type=float, default=1.0, help="hottest chip's expert load / mean, EP (default 1.0)")
+    parser.add_argument("--overlap", action="store_true", help="hide communication behind compute (two micro-batches)")
+    parser.add_argument("--compute-eff", type=float, help="fraction of peak matmul rate (default: the chip's)")
+    parser.add_argument("--memory-eff", type=float, help="fraction of peak memory bandwidth (default: the chip's)")
+    parser.add_argument("--comm-eff", type=float, help="fraction of peak link bandwidth (default: the chip's)")
+    parser.add_argument("--min-seqs", type=int, default=16, help="full-length sequences a useful KV cache holds (default 16)")
+    parser.add_argument("--all", action="store_true", help="print every layout tried, not only the best per chip")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", metavar="FILE", help="write a PNG chart comparing the chips")
+    parser.set_defaults(func=cmd_plan)
 
     cal = sub.add_parser("calibrate", help="measure this machine and write a chip profile for the planner")
     cal.add_argument("--out", default=None, help="profile file to write (default: ~/.config/xpuserve/chips.toml)")
@@ -54,11 +59,6 @@ def _prices(items: list[str]) -> dict[str, float]:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from xpuserve.planner.chips import load_chips
-    from xpuserve.planner.models import resolve_model
-    from xpuserve.planner.plan import Options, Workload, plan
-    from xpuserve.planner.report import plot, summary_rows, table, to_json
-
     name, cfg = resolve_model(args.model)
     chips = load_chips(args.chips_file)
     keys = args.chip or list(chips)
@@ -94,8 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from xpuserve.planner.calibrate import calibrate, profile_toml
-    from xpuserve.planner.chips import USER_FILE
+    from xpuserve.planner.calibrate import calibrate, profile_toml  # runs the engine: torch
 
     result = calibrate(steps=args.steps)
     out = Path(args.out) if args.out else USER_FILE

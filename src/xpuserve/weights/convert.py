@@ -18,15 +18,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from xpuserve.config import ModelConfig
+from xpuserve.config import CONVERT_TARGETS, ModelConfig
 from xpuserve.models import build_model
 from xpuserve.models.linear import WeightFormat
 from xpuserve.quantization import int8
 from xpuserve.weights.checkpoint import INDEX_FILE, Checkpoint, CheckpointError
 from xpuserve.weights.loader import INT8_SCALE_SUFFIX, PROGRESS_BAR_BYTES, SCALE_SUFFIXES, expected_tensors, is_mtp, load_one
 
-TARGETS = ("bf16", "int8")
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 SKIPPED_ENTRIES = (INDEX_FILE, "config.json", ".cache")  # .cache: huggingface_hub's notes on the source's files
@@ -55,8 +53,8 @@ def parse_size(text: str) -> int:
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, max_shard_size: int) -> ConvertStats:
     """Write `src` converted to `to` (bf16 or int8) into the new or empty folder `dst`."""
     src, dst = Path(src), Path(dst)
-    if to not in TARGETS:
-        raise ValueError(f"cannot convert to '{to}'; use one of {', '.join(TARGETS)}")
+    if to not in CONVERT_TARGETS:
+        raise ValueError(f"cannot convert to '{to}'; use one of {', '.join(CONVERT_TARGETS)}")
     check_destination(src, dst)
     config = ModelConfig.from_pretrained(src)
     existed = dst.exists()

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from xpuserve.config import ModelConfig
+from xpuserve.config import QUANTIZATIONS, ModelConfig
 from xpuserve.models.linear import WeightFormat
 from xpuserve.platforms.base import Platform
 
-QUANTIZATIONS = ("int8",)
 
 
 @dataclass(frozen=True)
