@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 # Token ids drawn when no tokenizer folder is given: below 256 every vocabulary of the R1 family
 # (and any byte-level tokenizer, the test and demo models too) has them; 0-2 are BOS/EOS/PAD in
 # DeepSeek's and Llama's tokenizers, so they are left out.
@@ -28,8 +30,6 @@ def token_id_range(tokenizer_dir: str | None) -> tuple[int, int]:
     # The tokenizer's own size first: a checkpoint's vocab_size is often padded (R1: 129,280 rows for
     # ~128.8k tokens), and servers may refuse ids that no token has.
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
         vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
     elif config.is_file():
         vocab = json.loads(config.read_text()).get("vocab_size")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models
+
 CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, first_k_dense_replace=1,
     num_attention_heads=16, num_key_value_heads=16, n_routed_experts=16, moe_intermediate_size=512,
@@ -22,8 +25,6 @@ TINY_CONFIG = dict(
 
 def build_checkpoint(path: Path, config: dict | None = None):
     """Writes a bf16 checkpoint and a word-level tokenizer to `path`; returns the transformers model."""
-    import torch
-
     try:
         from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     except ImportError:
@@ -40,8 +41,6 @@ def build_checkpoint(path: Path, config: dict | None = None):
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models
-
     vocab = {f"<{i}>": i for i in range(vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
     tokenizer.decoder = decoders.Fuse()

@@ -17,11 +17,19 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 from xpuserve.config import ModelConfig
+from xpuserve.llm import LLM
 from xpuserve.planner.bench_model import CONFIG, TINY_CONFIG, build_checkpoint
-from xpuserve.planner.chips import Chip
+from xpuserve.planner.chips import Chip, load_chips
+from xpuserve.planner.cost import busy_experts
 from xpuserve.planner.layout import Layout
 from xpuserve.planner.plan import Options, decode_step
+from xpuserve.platforms import current_platform
+from xpuserve.platforms.cpu import CpuPlatform
+from xpuserve.platforms.cpu_features import detect
+from xpuserve.sampling_params import SamplingParams
 
 PROMPT_LEN = 16
 
@@ -56,11 +64,6 @@ def _median_time(fn, repeats: int) -> float:
 
 def measure_rates(repeats: int = 3) -> Rates:
     """The platform's `linear` timed on bf16 weights far larger than the caches, as a model's are."""
-    import torch
-
-    from xpuserve.platforms import current_platform
-    from xpuserve.platforms.cpu import CpuPlatform
-
     platform = current_platform()
     if not isinstance(platform, CpuPlatform):
         raise ValueError(f"calibrate measures CPUs; the model was loaded on {platform.name}")
@@ -103,8 +106,6 @@ def _median_rates(runs: list[Rates]) -> Rates:
 
 def engine_decode_step(llm, batch: int, steps: int) -> float:
     """Median seconds of one engine decode step with `batch` sequences (prefill excluded)."""
-    from xpuserve.sampling_params import SamplingParams
-
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
     for i in range(batch):
@@ -146,8 +147,6 @@ def fixed_costs(tiny_cfg: ModelConfig, rates: Rates, tiny_steps: dict[int, float
 
 
 def step_busy(cfg: ModelConfig, batch: int) -> float:
-    from xpuserve.planner.cost import busy_experts
-
     return busy_experts(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
 
 
@@ -156,13 +155,6 @@ def predicted_decode_tps(cfg: ModelConfig, chip: Chip, batch: int, context: floa
 
 
 def calibrate(batches: tuple[int, ...] = (1, 16), steps: int = 8, rounds: int = 3, workdir: str | None = None) -> Calibration:
-    import torch
-
-    from xpuserve import LLM
-    from xpuserve.planner.chips import load_chips
-    from xpuserve.platforms import current_platform
-    from xpuserve.platforms.cpu_features import detect
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         big, tiny = Path(tmp) / "bench", Path(tmp) / "tiny"
         build_checkpoint(big, CONFIG)
