@@ -43,9 +43,6 @@ class Platform:
     def empty_cache(self) -> None:
         """Give cached, unused device memory back to the driver."""
 
-    def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)  # seeds every device type torch knows, accelerators included
-
     # --- what the hardware computes natively -----------------------------------------------
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
