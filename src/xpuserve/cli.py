@@ -39,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from xpuserve.llm import LLM
 
     llm = LLM(args.model_dir, **engine_kwargs(args))
-    print(f"xpuserve: {llm.engine.model.serving_format.describe()}", file=sys.stderr, flush=True)
+    print(f"xpuserve: {llm.engine.info.serving_format}", file=sys.stderr, flush=True)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     for i, (prompt, output) in enumerate(zip(args.prompt, llm.generate(args.prompt, params))):
         if i:
