@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--no-report", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--vs-llama-cpp", action="store_true",
+                        help="after the xpuserve rows, time llama.cpp (bf16, Q8_0) on the same checkpoint and print ratios")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +98,20 @@ def main() -> None:
             print(f"concurrency {c:3d}: xpuserve {ours:7.1f} tok/s   transformers {theirs:7.1f} tok/s   ratio {ours / theirs:5.2f}x")
             if not args.no_report:  # after every row, so a long run that is stopped still leaves its results
                 write_report(args, rows, params, active, bandwidth)
+        if args.vs_llama_cpp:  # after xpuserve and transformers are done: one engine at a time
+            compare_llama_cpp(Path(tmp), args, rows)
+
+
+def compare_llama_cpp(checkpoint: Path, args, rows) -> None:
+    """Prints xpuserve's end-to-end tok/s over llama.cpp's (see benchmarks/llama_cpp.py), row by row."""
+    from llama_cpp import llama_cpp_rates
+
+    workloads = [(c, args.prompt_len, args.output_len) for c, _, _ in rows]
+    result = llama_cpp_rates(checkpoint, workloads, repeats=1, threads=torch.get_num_threads())
+    for i, (c, ours, _) in enumerate(rows):
+        cells = "   ".join(f"llama.cpp {fmt} {rates[i].end_to_end:7.1f} tok/s ({ours / rates[i].end_to_end:4.2f}x)"
+                           for fmt, rates in result.items())
+        print(f"concurrency {c:3d}: xpuserve {ours:7.1f} tok/s   {cells}")
 
 
 def write_report(args, rows, params, active, bandwidth) -> None:
