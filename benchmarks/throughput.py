@@ -103,8 +103,8 @@ def main() -> None:
 
 
 def compare_llama_cpp(checkpoint: Path, args, rows) -> None:
-    """Prints xpuserve's end-to-end tok/s over llama.cpp's (see benchmarks/llama_cpp.py), row by row."""
-    from llama_cpp import llama_cpp_rates
+    """Prints xpuserve's end-to-end tok/s over llama.cpp's (see benchmarks/llama_cpp_bench.py), row by row."""
+    from llama_cpp_bench import llama_cpp_rates
 
     workloads = [(c, args.prompt_len, args.output_len) for c, _, _ in rows]
     result = llama_cpp_rates(checkpoint, workloads, repeats=1, threads=torch.get_num_threads())

@@ -5,9 +5,9 @@ be on disk (nothing here downloads):
 
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/llsrc
 
-    python benchmarks/llama_cpp.py                       # prints bf16 and Q8_0 rates per workload
-    python benchmarks/llama_cpp.py --write               # and adds a section to docs/benchmarks.md
-    python benchmarks/llama_cpp.py --llama-cpp-sdist PATH
+    python benchmarks/llama_cpp_bench.py                       # prints bf16 and Q8_0 rates per workload
+    python benchmarks/llama_cpp_bench.py --write               # and adds a section to docs/benchmarks.md
+    python benchmarks/llama_cpp_bench.py --llama-cpp-sdist PATH
 
 Everything built lives under ~/.cache/xpuserve/llama.cpp-<version>/ (the tree, `build/`, the
 converter's own Python packages in `pydeps/`, and GGUF files in `gguf/<checkpoint hash>/`); a second
@@ -316,7 +316,7 @@ def main() -> None:
             print(f"llama.cpp: {theirs!r}\nxpuserve:  {ours!r}\n{'same' if theirs == ours else 'DIFFERENT'}")
             return
         result = llama_cpp_rates(checkpoint, workloads, args.formats, args.threads, repeats, args.llama_cpp_sdist)
-    command = "python benchmarks/llama_cpp.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/llama_cpp_bench.py" + (" --quick" if args.quick else "")
     version = find_sdist(args.llama_cpp_sdist).name.removeprefix("llama_cpp_python-").removesuffix(".tar.gz")
     lines = report_lines(result, version, args.threads, repeats, command, f" {args.note}" if args.note else "")
     print("\n".join(lines))
