@@ -54,16 +54,12 @@ class LLMEngine:
         if request_id in self.output_processor.requests:
             raise ValueError(f"request id '{request_id}' is already in use")
         prompt_token_ids = list(prompt_token_ids)
-        self.check_request(prompt_token_ids, params)
+        self.info.check_request(prompt_token_ids, params)
         seqs = [Sequence(request_id, i, prompt_token_ids, params, generator=self._generator(params.seed, i))
                 for i in range(params.n)]
         self.output_processor.add(request_id, prompt, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError, with a message for the client, if the request cannot be served."""
-        self.info.check_request(prompt_ids, params)
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:
