@@ -1,0 +1,34 @@
+"""Decode attention read in place from the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, v_dim: int) -> torch.Tensor:
+    """One query per sequence (decode) attending to its cached keys where they lie.
+
+    q [B, H, D] (bfloat16 or float32); k_cache [num_slots, Hk, D]; v_cache [num_slots, Hk, Dv] or None,
+    meaning the values are the first v_dim columns of each key (MLA's absorbed form: the cache is the
+    latent, Hk = 1); slot of position p of sequence b = block_tables[b, p // block_size] * block_size
+    + p % block_size; block_tables int32 [B, max_blocks]; context_lens int32 [B] (>= 1: keys 0..len-1
+    are attended). H is a multiple of Hk (query head h reads KV head h // (H // Hk)). Softmax in
+    float32. Returns [B, H, v_dim] in q's dtype.
+    """
+    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, v_dim)
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, v_dim: int) -> torch.Tensor:
+    """The oracle: per sequence, gather its slots, then softmax(q k^T) v in float32."""
+    heads, kv_heads = q.shape[1], k_cache.shape[1]
+    out = q.new_empty(q.shape[0], heads, v_dim)
+    for b, length in enumerate(context_lens.tolist()):
+        pos = torch.arange(length, device=q.device)
+        slots = block_tables[b, pos // block_size].long() * block_size + pos % block_size
+        k = k_cache[slots].float()  # [L, Hk, D]
+        v = k[..., :v_dim] if v_cache is None else v_cache[slots, :, :v_dim].float()
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(dim=-1), v).to(q.dtype)
+    return out
