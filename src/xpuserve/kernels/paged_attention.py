@@ -1,8 +1,13 @@
-"""Decode attention read in place from the paged KV cache."""
+"""Decode attention read in place from the paged KV cache: the C++ op where it built, else the reference."""
 
 from __future__ import annotations
 
 import torch
+
+from xpuserve.kernels import build
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_fake_registered = False
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, v_dim: int) -> torch.Tensor:
@@ -15,7 +20,27 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, bloc
     are attended). H is a multiple of Hk (query head h reads KV head h // (H // Hk)). Softmax in
     float32. Returns [B, H, v_dim] in q's dtype.
     """
-    return paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, v_dim)
+    args = (q, k_cache, v_cache, block_tables, context_lens, block_size, scale, v_dim)
+    if q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k_cache.dtype in KERNEL_DTYPES and kernel_ready():
+        return torch.ops.xpuserve_kernels.paged_decode(*args)
+    return paged_decode_reference(*args)
+
+
+# Dynamo runs this once while tracing and keeps the answer, so the op goes into the graph whole.
+@torch.compiler.assume_constant_result
+def kernel_ready() -> bool:
+    """Whether the C++ op is loaded (building it on the first call) and known to torch.compile."""
+    global _fake_registered
+    if not build.load():
+        return False
+    if not _fake_registered:
+        torch.library.register_fake("xpuserve_kernels::paged_decode")(_output_like)
+        _fake_registered = True
+    return True
+
+
+def _output_like(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, v_dim):
+    return q.new_empty(q.shape[0], q.shape[1], v_dim)
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, block_size: int, scale: float, v_dim: int) -> torch.Tensor:

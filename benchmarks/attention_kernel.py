@@ -1,0 +1,77 @@
+"""Decode attention over the paged cache, one layer: the C++ kernel against today's gather path.
+
+Today's path gathers cache[kv_slots] padded to the longest sequence, widens it to float32 and runs
+matmul, masked softmax, matmul (models/attention.py `_folded`, as MLA's absorbed decode calls it).
+Shapes are MLA's absorbed form (one latent KV head, values = the latent's first v_dim columns),
+bf16 cache, block size 16. Prints ms per call (median of repeats) and the cache read in GB/s.
+
+    python benchmarks/attention_kernel.py [--repeats 15] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from xpuserve.kernels.build import kernel_status
+from xpuserve.kernels.paged_attention import paged_decode_attention
+from xpuserve.models.attention import _folded
+
+BLOCK = 16
+# (label, heads, key width D, v_dim, batch, length)
+CASES = [("benchmark model", 16, 288, 256, b, n) for b, n in ((1, 128), (16, 128), (64, 128), (8, 2048), (1, 8192))]
+CASES.append(("R1 latent", 16, 576, 512, 8, 2048))
+
+
+def problem(heads: int, dim: int, batch: int, length: int):
+    """A shuffled block table per sequence over a bf16 cache with room for all of them."""
+    blocks = -(-length // BLOCK)
+    tables = torch.randperm(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    cache = torch.randn(batch * blocks * BLOCK, 1, dim).to(torch.bfloat16)
+    q = torch.randn(batch, heads, dim).to(torch.bfloat16)
+    lens = torch.full((batch,), length, dtype=torch.int32)
+    return q, cache, tables, lens
+
+
+def gather_path(q, cache, tables, lens, scale, v_dim):
+    pos = torch.arange(int(lens.max()))
+    slots = tables[:, pos // BLOCK].long() * BLOCK + pos % BLOCK
+    k = cache[slots].float()  # [B, L, 1, D]
+    mask = (pos[None, :] < lens[:, None])[:, None, None, :]
+    return _folded(q.float()[:, None], k, k[..., :v_dim], mask, scale)[:, 0].to(q.dtype)
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"kernel: {kernel_status()}; {torch.get_num_threads()} threads; bf16 cache, block size {BLOCK}")
+    print(f"{'shape':<16} {'H':>3} {'D':>4} {'Dv':>4} {'B x L':>9} {'C++ ms':>8} {'GB/s':>6} {'gather ms':>10} {'GB/s':>6} {'speed-up':>8}")
+    for label, heads, dim, v_dim, batch, length in CASES:
+        torch.manual_seed(0)
+        q, cache, tables, lens = problem(heads, dim, batch, length)
+        scale = dim ** -0.5
+        kernel = median_ms(lambda: paged_decode_attention(q, cache, None, tables, lens, BLOCK, scale, v_dim), args.repeats)
+        gather = median_ms(lambda: gather_path(q, cache, tables, lens, scale, v_dim), args.repeats)
+        gb = batch * length * dim * cache.element_size() / 1e9
+        print(f"{label:<16} {heads:>3} {dim:>4} {v_dim:>4} {f'{batch}x{length}':>9} {kernel:>8.3f} {gb / kernel * 1e3:>6.1f} "
+              f"{gather:>10.3f} {gb / gather * 1e3:>6.1f} {gather / kernel:>7.1f}x")
+
+
+if __name__ == "__main__":
+    main()
