@@ -138,7 +138,7 @@ def test_latent_cache_holds_only_latent_and_rope_key(case):
         per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 2
     else:
         per_token = 2 * config.num_key_value_heads * config.head_dim * config.num_hidden_layers * 2
-    assert total == per_token * slots
+    assert total == per_token * (slots + llm.engine.config.block_size)  # + the runner's scratch block
     assert llm.engine.worker.kv_bytes_per_token == per_token
 
 

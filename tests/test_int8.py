@@ -11,7 +11,7 @@ from test_fp8 import ODD_SHAPES, write_fp8_checkpoint
 from xpuserve.config import ModelConfig
 from xpuserve.generate import prompt_logits
 from xpuserve.models import build_model
-from xpuserve.models.linear import Linear, PackedLinear, WeightFormat, weight_format
+from xpuserve.models.linear import Linear, PackedLinear, WeightFormat, matmul, weight_format
 from xpuserve.models.moe import Experts
 from xpuserve.quantization import int8
 from xpuserve.weights import load_model
@@ -75,8 +75,8 @@ def test_packed_linear_and_experts_within_one_percent(fmt):
     x, h = torch.randn(12, 256), torch.randn(12, 96)
     for e in range(4):  # each expert's two matmuls, each against its float weights
         w13 = torch.cat([w[f"experts.{e}.gate_proj.weight"], w[f"experts.{e}.up_proj.weight"]])
-        y13 = experts._linear(x.bfloat16(), experts.w13, experts.w13_scale, e)
-        y2 = experts._linear(h.bfloat16(), experts.w2, experts.w2_scale, e)
+        y13 = matmul(x.bfloat16(), experts.w13[e], experts.w13_scale[e], None, experts.int8_activations)
+        y2 = matmul(h.bfloat16(), experts.w2[e], experts.w2_scale[e], None, experts.int8_activations)
         assert relative_error(y13, x @ w13.T) <= MAX_ERROR[fmt]
         assert relative_error(y2, h @ w[f"experts.{e}.down_proj.weight"].T) <= MAX_ERROR[fmt]
 

@@ -303,6 +303,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1  # ranks (torchrun processes) the model is split across
     enable_expert_parallel: bool = False  # routed experts partitioned across the TP ranks instead of each split
+    enforce_eager: bool | None = None  # True: decode eagerly; False: as a compiled graph; None: the platform's default
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):

@@ -33,6 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="split the model across N ranks, one per chip; start them with torchrun --nproc-per-node N")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="run decode steps operator by operator (--no-enforce-eager: as a compiled graph; "
+                             "default: the platform's choice, see `xpuserve env`)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="partition the routed experts across the tensor-parallel ranks instead of splitting every expert")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -15,6 +17,9 @@ from xpuserve.engine.sequence import Sequence
 from xpuserve.engine.step import StepInput
 from xpuserve.models.context import ForwardContext, SequenceSlice
 from xpuserve.models.decoder import CausalLM
+from xpuserve.platforms import current_platform
+
+log = logging.getLogger(__name__)
 
 
 # Prompt rows scored per pass of the head: [512, vocab] float32 logits are 265 MB for R1's 129,280 tokens.
@@ -24,14 +29,30 @@ SCORE_ROWS = 512
 class ModelRunner:
     """`channel`, when serving across ranks, carries each step from the driver to the other ranks."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None, channel=None):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
+                 channel=None, enforce_eager: bool | None = None):
         self.model = model
         self.block_size = block_size
         self.device = model.model.embed_tokens.weight.device
-        allocate_kv_cache(model, num_blocks * block_size, kv_dtype)
+        # One block more than the scheduler hands out: warm-up steps write there.
+        self.scratch_block = num_blocks
+        allocate_kv_cache(model, (num_blocks + 1) * block_size, kv_dtype)
         self.sampler = Sampler()
         self.channel = channel
         self.num_tokens_computed = 0
+        platform = current_platform()
+        eager = not platform.captures_decode if enforce_eager is None else enforce_eager
+        self.decode_forward = None if eager else platform.capture_decode(model)
+        if self.decode_forward is not None:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compiles the decode step now, not on the first request: 1 sequence and 2 (from 2 on,
+        one graph serves every batch size)."""
+        start = time.perf_counter()
+        for batch in (1, 2):
+            self.execute(StepInput([0] * batch, [SequenceSlice(0, 1, [self.scratch_block])] * batch, []))
+        log.info("decode step compiled in %.1f s", time.perf_counter() - start)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq], requests: list[SamplingRequest]) -> tuple[SamplerOutput | None, list[PromptScores]]:
@@ -62,7 +83,8 @@ class ModelRunner:
         when there are none) and what `score` (the driver's) makes of the prompt-scoring rows'
         logits, SCORE_ROWS at a time: all of them at once could be gigabytes."""
         ctx = ForwardContext.build(step.slices, self.block_size, self.device)
-        hidden = self.model(torch.tensor(step.token_ids, device=self.device), ctx)
+        forward = self.decode_forward if ctx.paged_decode and self.decode_forward is not None else self.model
+        hidden = forward(torch.tensor(step.token_ids, device=self.device), ctx)
         logits = None
         if step.sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(step.sample_rows, device=self.device)]).float()

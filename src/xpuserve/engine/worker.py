@@ -30,7 +30,8 @@ class Worker:
         self.num_blocks = self._num_blocks(config, platform.memory_info(self.device))
         self.channel = StepChannel(comm_device(self.device), self.parallel.is_driver) if self.parallel.distributed else None
         driving = self.channel if self.parallel.is_driver else None
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, channel=driving)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, channel=driving,
+                                  enforce_eager=config.enforce_eager)
         # Followers wait for STOP however rank 0's engine ends: shutdown(), collected, or at exit.
         self._finalizer = weakref.finalize(self, stop_followers, driving) if driving is not None else None
         log.info("KV cache: %d blocks of %d tokens = %d tokens", self.num_blocks, config.block_size,

@@ -1,15 +1,34 @@
-"""Attention over the KV cache for a packed step of prefills and decodes, in plain PyTorch."""
+"""Attention over the KV cache for a packed step: in place through the block tables on decode
+steps (xpuserve.kernels), in plain PyTorch over padded views otherwise (and as the reference)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from xpuserve.kernels.paged_attention import paged_decode_attention
 from xpuserve.models.context import ForwardContext
 from xpuserve.platforms import current_platform
 
 # Above this many query rows per KV head, scores are too big to materialise: use SDPA instead.
 MAX_FOLDED_ROWS = 4096
+
+
+@torch.library.custom_op("xpuserve::store_kv", mutates_args=("cache",))
+def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[slots] = values, as one operator: a compiled step writes the cache in place."""
+    cache[slots] = values.to(cache.dtype)
+
+
+@store_kv.register_fake
+def _(cache, slots, values) -> None:
+    return None
+
+
+def decode(ctx: ForwardContext, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+           scale: float, v_dim: int) -> torch.Tensor:
+    """q [B, H, D], one token per sequence -> [B, H, v_dim], keys and values read where they lie."""
+    return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.block_size, scale, v_dim)
 
 
 def attend(

@@ -7,7 +7,7 @@ from torch import nn
 
 from xpuserve.config import ModelConfig
 from xpuserve.distributed import parallel_state
-from xpuserve.models.attention import attend
+from xpuserve.models.attention import attend, decode, store_kv
 from xpuserve.models.context import ForwardContext
 from xpuserve.models.parallel import PackedColumnParallelLinear, RowParallelLinear, rank_range
 from xpuserve.models.rotary import apply_rotary
@@ -38,10 +38,13 @@ class GQAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = apply_rotary(q.view(n, self.num_heads, self.head_dim), *rope, interleaved=False)
         k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), *rope, interleaved=False)
-        self.k_cache[ctx.slot_mapping] = k.to(self.k_cache.dtype)
-        self.v_cache[ctx.slot_mapping] = v.view(n, self.num_kv_heads, self.head_dim).to(self.v_cache.dtype)
-        keys, values = self.k_cache[ctx.kv_slots], self.v_cache[ctx.kv_slots]
-        out = attend(ctx, q, keys.to(q.dtype), values.to(q.dtype), self.scale)
+        store_kv(self.k_cache, ctx.slot_mapping, k)
+        store_kv(self.v_cache, ctx.slot_mapping, v.view(n, self.num_kv_heads, self.head_dim))
+        if ctx.paged_decode:
+            out = decode(ctx, q, self.k_cache, self.v_cache, self.scale, self.head_dim)
+        else:
+            keys, values = self.k_cache[ctx.kv_slots], self.v_cache[ctx.kv_slots]
+            out = attend(ctx, q, keys.to(q.dtype), values.to(q.dtype), self.scale)
         return self.o_proj(out.reshape(n, -1))
 
 

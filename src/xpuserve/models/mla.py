@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from xpuserve.config import ModelConfig
-from xpuserve.models.attention import attend
+from xpuserve.models.attention import attend, decode, store_kv
 from xpuserve.models.context import ForwardContext
 from xpuserve.models.linear import Linear
 from xpuserve.models.parallel import ColumnParallelLinear, RowParallelLinear, divide
@@ -64,10 +64,13 @@ class MLAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = apply_rotary(k_pe[:, None, :], *rope, interleaved=self.interleaved)[:, 0]
         latent = torch.cat((self.kv_a_layernorm(c_kv), k_pe), dim=-1)
-        self.latent_cache[ctx.slot_mapping] = latent.to(self.latent_cache.dtype)
-        cached = self.latent_cache[ctx.kv_slots].to(x.dtype)  # [B, Lk, kv_lora_rank + rope_dim]
-        absorb = self.mode == "absorb" or (self.mode == "auto" and ctx.max_query_len == 1)
-        out = self._absorbed(ctx, q_nope, q_pe, cached) if absorb else self._expanded(ctx, q_nope, q_pe, cached)
+        store_kv(self.latent_cache, ctx.slot_mapping, latent)
+        if ctx.paged_decode:
+            out = self._absorbed(ctx, q_nope, q_pe, None)
+        else:
+            cached = self.latent_cache[ctx.kv_slots].to(x.dtype)  # [B, Lk, kv_lora_rank + rope_dim]
+            absorb = self.mode == "absorb" or (self.mode == "auto" and ctx.max_query_len == 1)
+            out = self._absorbed(ctx, q_nope, q_pe, cached) if absorb else self._expanded(ctx, q_nope, q_pe, cached)
         return self.o_proj(out.reshape(n, -1))
 
     def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +86,14 @@ class MLAttention(nn.Module):
         return attend(ctx, torch.cat((q_nope, q_pe), dim=-1), k, v, self.scale)
 
     def _absorbed(self, ctx, q_nope, q_pe, cached) -> torch.Tensor:
+        """`cached` [B, Lk, width] gathered from the cache, or None to read it in place (a decode step)."""
         w_uk, w_uv = self._up_weights()
         bmm = current_platform().bmm
         q_latent = bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, R]
-        k = cached[:, :, None, :]
-        out_latent = attend(ctx, torch.cat((q_latent, q_pe), dim=-1), k, k[..., : self.kv_lora_rank], self.scale)
+        q = torch.cat((q_latent, q_pe), dim=-1)
+        if cached is None:
+            out_latent = decode(ctx, q, self.latent_cache[:, None], None, self.scale, self.kv_lora_rank)
+        else:
+            k = cached[:, :, None, :]
+            out_latent = attend(ctx, q, k, k[..., : self.kv_lora_rank], self.scale)
         return bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, v]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,30 +112,44 @@ class Experts(nn.Module):
             views[keys[2]] = shard(weight_rows(self.w2, self.w2_scale, e - first, dtype), 1, *self.feature_range)
         return views
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, expert: int) -> torch.Tensor:
-        return matmul(x, weight[expert], None if scale is None else scale[expert], None, self.int8_activations)
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sorts the (token, expert) pairs by expert and runs each busy expert once on its tokens."""
-        top_k = ids.shape[1]
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        token_of = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.tokens_per_expert.shape[0])
-        self.tokens_per_expert += counts
-        out = torch.zeros_like(x)
-        first, stop = self.expert_range
-        start = int(counts[:first].sum()) if first else 0
-        for expert, count in enumerate(counts[first:stop].tolist()):
-            if count == 0:
-                continue
-            tokens = token_of[start : start + count]
-            gate, up = self._linear(x[tokens], self.w13, self.w13_scale, expert).chunk(2, dim=-1)
-            y = self._linear(F.silu(gate) * up, self.w2, self.w2_scale, expert)
-            y = y * weights.flatten()[order[start : start + count], None]  # float32 weights: product in float32
-            out.index_add_(0, tokens, y.to(out.dtype))
-            start += count
-        return out
+        return routed_experts(x, weights, ids, self.w13, self.w13_scale, self.w2, self.w2_scale,
+                              self.tokens_per_expert, self.expert_range[0], self.int8_activations)
+
+
+@torch.library.custom_op("xpuserve::routed_experts", mutates_args=("counts",))
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w13_scale: Optional[torch.Tensor],
+                   w2: torch.Tensor, w2_scale: Optional[torch.Tensor], counts: torch.Tensor, first_expert: int,
+                   int8_activations: bool) -> torch.Tensor:
+    """Sorts the (token, expert) pairs by expert and runs each busy expert this rank holds (w13 / w2
+    hold experts first_expert.. of them) once on its tokens; adds the tokens routed to every expert
+    to `counts`. One operator, so a compiled step holds it whole: the loop over busy experts needs
+    their token counts on the host."""
+    top_k = ids.shape[1]
+    flat_ids = ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    token_of = order // top_k
+    routed = torch.bincount(flat_ids, minlength=counts.shape[0])
+    counts += routed
+    out = torch.zeros_like(x)
+    stop = first_expert + w13.shape[0]
+    start = int(routed[:first_expert].sum()) if first_expert else 0
+    for expert, count in enumerate(routed[first_expert:stop].tolist()):
+        if count == 0:
+            continue
+        tokens = token_of[start : start + count]
+        scale13, scale2 = (None, None) if w13_scale is None else (w13_scale[expert], w2_scale[expert])
+        gate, up = matmul(x[tokens], w13[expert], scale13, None, int8_activations).chunk(2, dim=-1)
+        y = matmul(F.silu(gate) * up, w2[expert], scale2, None, int8_activations)
+        y = y * weights.flatten()[order[start : start + count], None]  # float32 weights: product in float32
+        out.index_add_(0, tokens, y.to(out.dtype))
+        start += count
+    return out
+
+
+@routed_experts.register_fake
+def _(x, weights, ids, w13, w13_scale, w2, w2_scale, counts, first_expert, int8_activations):
+    return torch.empty_like(x)
 
 
 class MoE(nn.Module):

@@ -93,6 +93,14 @@ class Platform:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)
 
+    # Whether decode steps run captured unless the user says (--enforce-eager / --no-enforce-eager).
+    captures_decode = False
+
+    def capture_decode(self, model: torch.nn.Module):
+        """The model's forward for pure decode steps as a compiled/captured graph, or None where the
+        platform has none (decode runs eagerly, the reference path)."""
+        return None
+
     def attention_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Dtype attention scores are computed in for inputs of `dtype`."""
         return dtype

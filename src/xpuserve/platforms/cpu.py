@@ -92,7 +92,19 @@ class CpuPlatform(Platform):
             return torch.float32, "float32: this CPU has no native bf16 (no AVX512-BF16/AMX)"
         return dtype, reason
 
+    # Off by default: on a 2-core AVX2 EPYC the compiled step measured no faster than eager
+    # (docs/benchmarks.md) and compiling the benchmark model takes minutes the first time.
+    captures_decode = False
+
+    def capture_decode(self, model: torch.nn.Module):
+        # Inductor's C++ code for everything but the custom operators (routed experts, paged
+        # attention, cache writes); the batch dimension is dynamic, so batch 1 and one graph for
+        # all larger batches are the only compiles.
+        return torch.compile(model, dynamic=True, fullgraph=True)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return F.linear(x, weight, bias)  # the compiler picks the GEMM
         upcast_rows = self.bf16_upcast_rows
         if x.dtype == torch.bfloat16 and upcast_rows is not None and x.numel() // x.shape[-1] >= upcast_rows:
             bias = None if bias is None else bias.float()
