@@ -5,7 +5,7 @@ matmul, masked softmax, matmul (models/attention.py `_folded`, as MLA's absorbed
 Shapes are MLA's absorbed form (one latent KV head, values = the latent's first v_dim columns),
 bf16 cache, block size 16. Prints ms per call (median of repeats) and the cache read in GB/s.
 
-    python benchmarks/attention_kernel.py [--repeats 15] [--threads N]
+    python benchmarks/attention_kernel.py [--repeats 21] [--threads N]
 """
 
 from __future__ import annotations
@@ -44,19 +44,22 @@ def gather_path(q, cache, tables, lens, scale, v_dim):
     return _folded(q.float()[:, None], k, k[..., :v_dim], mask, scale)[:, 0].to(q.dtype)
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def median_ms(fns, repeats: int) -> list[float]:
+    """Each function's median time in ms, the functions taking turns so both see the same machine."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) * 1e3 for spent in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,8 +69,8 @@ def main() -> None:
         torch.manual_seed(0)
         q, cache, tables, lens = problem(heads, dim, batch, length)
         scale = dim ** -0.5
-        kernel = median_ms(lambda: paged_decode_attention(q, cache, None, tables, lens, BLOCK, scale, v_dim), args.repeats)
-        gather = median_ms(lambda: gather_path(q, cache, tables, lens, scale, v_dim), args.repeats)
+        kernel, gather = median_ms([lambda: paged_decode_attention(q, cache, None, tables, lens, BLOCK, scale, v_dim),
+                                    lambda: gather_path(q, cache, tables, lens, scale, v_dim)], args.repeats)
         gb = batch * length * dim * cache.element_size() / 1e9
         print(f"{label:<16} {heads:>3} {dim:>4} {v_dim:>4} {f'{batch}x{length}':>9} {kernel:>8.3f} {gb / kernel * 1e3:>6.1f} "
               f"{gather:>10.3f} {gb / gather * 1e3:>6.1f} {gather / kernel:>7.1f}x")

@@ -4,7 +4,9 @@
 // (flash-decoding), so one long sequence keeps every thread busy. A piece walks its keys in tiles:
 // the tile's rows are read through the block table and widened to float32 once, then scored
 // against all query heads that share the KV head and accumulated into their outputs with an
-// online softmax. The pieces' (max, sum, accumulator) are merged per sequence at the end.
+// online softmax. Without a value cache (MLA's absorbed form) the values are those same widened
+// rows, so each cached row is read once for all heads. The pieces' (max, sum, accumulator) are
+// merged per sequence at the end.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -154,7 +156,8 @@ void dot_rows(const float* q, int64_t ldq, const float* k, int64_t ldk, float* s
   }
 }
 
-// s [rows, keys] = q [rows, dim] @ k [keys, dim]^T, in tiles of 2 query rows x 4 keys.
+// s [rows, keys] = q [rows, dim] @ k [keys, dim]^T, in tiles of 2 query rows x 4 keys (the fastest
+// of 4x2, 2x4, 3x4, 4x3, 6x2, 8x1 and 1x8 on AVX2).
 void scores(const float* q, int64_t ldq, const float* k, int64_t ldk, float* s, int64_t lds, int64_t rows, int64_t keys,
             int64_t dim) {
   int64_t m = 0;
@@ -194,7 +197,8 @@ void axpy_rows(const float* p, int64_t ldp, const float* v, int64_t ldv, float* 
       for (int64_t k = 0; k < keys; ++k) c[m * ldc + n] += p[m * ldp + k] * v[k * ldv + n];
 }
 
-// c [rows, width] += p [rows, keys] @ v [keys, width], in tiles of 4 rows x 16 columns.
+// c [rows, width] += p [rows, keys] @ v [keys, width], in tiles of 4 rows x 16 columns (the fastest
+// of 4x16, 2x32, 6x16, 3x32, 8x8 and 4x24 on AVX2).
 void accumulate(const float* p, int64_t ldp, const float* v, int64_t ldv, float* c, int64_t ldc, int64_t rows, int64_t keys,
                 int64_t width) {
   int64_t m = 0;
@@ -213,14 +217,17 @@ struct Piece {
   int64_t begin, end;  // key positions
 };
 
-// Cuts the streams' keys into runs of equal length, one per thread; a run ends at a stream's end too.
+// Cuts the streams' keys into equal runs, one per thread, of at least min_share keys (so a small
+// step wakes fewer threads); a run also ends where a stream does. Thread t's pieces are
+// [first_of_thread[t], first_of_thread[t + 1]).
 std::vector<Piece> cut(const std::vector<int64_t>& lens, int64_t kv_heads, int64_t threads, int64_t min_share,
                        std::vector<int64_t>& first_of_thread) {
   int64_t total = 0;
   for (int64_t len : lens) total += len * kv_heads;
-  const int64_t share = std::max(min_share, (total + threads - 1) / threads);
+  const int64_t used = std::clamp<int64_t>(total / min_share, 1, threads);
+  const int64_t share = (total + used - 1) / used;
   std::vector<Piece> pieces;
-  first_of_thread.assign(threads + 1, 0);
+  first_of_thread.assign(used + 1, 0);
   int64_t offset = 0;  // of the stream's first key among all keys
   for (int64_t s = 0; s < int64_t(lens.size()) * kv_heads; ++s) {
     const int64_t len = lens[s / kv_heads];
@@ -233,7 +240,7 @@ std::vector<Piece> cut(const std::vector<int64_t>& lens, int64_t kv_heads, int64
     }
     offset += len;
   }
-  for (int64_t t = 1; t <= threads; ++t) first_of_thread[t] = std::max(first_of_thread[t], first_of_thread[t - 1]);
+  for (int64_t t = 1; t <= used; ++t) first_of_thread[t] = std::max(first_of_thread[t], first_of_thread[t - 1]);
   return pieces;
 }
 
@@ -313,8 +320,8 @@ template <typename T>
 Partials attend_pieces(const Problem& p, const T* k_cache, const T* v_cache, const std::vector<int64_t>& lens) {
   const int64_t group = p.heads / p.kv_heads;
   const int64_t threads = at::get_num_threads();
-  // A thread's share is at least ~1M multiply-adds: below that, waking a thread costs more than it saves.
-  const int64_t min_share = std::max<int64_t>(kTile, (int64_t(1) << 20) / (group * (p.dim + p.v_dim)));
+  // A thread's share is at least ~4M multiply-adds (~0.1 ms): below that, waking it costs more than it saves.
+  const int64_t min_share = std::max<int64_t>(kTile, (int64_t(1) << 22) / (group * (p.dim + p.v_dim)));
   std::vector<int64_t> first_of_thread;
   Partials r;
   r.pieces = cut(lens, p.kv_heads, threads, min_share, first_of_thread);
@@ -322,7 +329,7 @@ Partials attend_pieces(const Problem& p, const T* k_cache, const T* v_cache, con
   r.maxes.resize(count * group);
   r.sums.resize(count * group);
   r.outs.resize(count * group * p.v_dim);
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, int64_t(first_of_thread.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kbuf(kTile * p.dim), vbuf(v_cache ? kTile * p.v_dim : 0), sbuf(group * kTile);
     for (int64_t i = first_of_thread[begin]; i < first_of_thread[end]; ++i)
       attend_piece(p, k_cache, v_cache, r.pieces[i], kbuf.data(), vbuf.data(), sbuf.data(), &r.maxes[i * group],
@@ -353,7 +360,8 @@ void merge(const Partials& r, int64_t streams, int64_t group, int64_t v_dim, Out
   const int64_t count = int64_t(r.pieces.size());
   std::vector<int64_t> first_of_stream(streams + 1, count);
   for (int64_t i = count - 1; i >= 0; --i) first_of_stream[r.pieces[i].stream] = i;
-  at::parallel_for(0, streams, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (group * v_dim));  // ~0.25M multiply-adds a thread
+  at::parallel_for(0, streams, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> weight, row(v_dim);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t lo = first_of_stream[s], hi = first_of_stream[s + 1];
