@@ -52,25 +52,38 @@ def cache_dir() -> Path:
 def load() -> bool:
     """Build the kernels or reuse the cached build, and load them; False, after one warning, where that fails."""
     global _status
+    try:
+        _status = f"C++ ({build_library(NAME, SOURCES)})"
+    except BuildError as e:
+        return _fall_back(str(e))
+    return True
+
+
+class BuildError(RuntimeError):
+    """A C++ library could not be built or loaded; the message is the reason in one line."""
+
+
+def build_library(name: str, sources: list[Path]) -> str:
+    """Build the C++ library `name` from `sources` into cache_dir() (or reuse its cached build) and load it,
+    which registers its ops as torch.ops.<name>.*. Returns 'built in X s' or 'cached'; raises BuildError."""
     start = time.perf_counter()
     compiler = os.environ.get("CXX", "c++")  # what torch's build runs
     if shutil.which(compiler) is None:
-        return _fall_back(f"no C++ compiler ({compiler} not found)")
+        raise BuildError(f"no C++ compiler ({compiler} not found)")
     try:
         directory = cache_dir()
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(directory / "lock")
-        binary = directory / f"{NAME}.so"
+        binary = directory / f"{name}.so"
         before = binary.stat().st_mtime_ns if binary.exists() else None
         from torch.utils.cpp_extension import load as build
 
-        build(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        build(name=name, sources=[str(s) for s in sources], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
               is_python_module=False, build_directory=str(directory))
     except Exception as e:  # no headers, no ninja, a read-only cache: the reference still works
-        return _fall_back(_reason(e))
+        raise BuildError(_reason(e)) from e
     built = before != binary.stat().st_mtime_ns
-    _status = f"C++ (built in {time.perf_counter() - start:.1f} s)" if built else "C++ (cached)"
-    return True
+    return f"built in {time.perf_counter() - start:.1f} s" if built else "cached"
 
 
 def kernel_status() -> str:
