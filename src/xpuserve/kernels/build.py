@@ -1,7 +1,7 @@
 """Build the C++ kernels on first use, once per torch version and CPU, and register them as torch ops.
 
 The binary is tuned to the CPU it is built on (-march=native), so the cache directory is keyed by
-torch's version and the CPU's flags: ~/.cache/xpuserve/kernels/<key>/ (or under $XDG_CACHE_HOME).
+torch's version and the CPU's flags: ~/.cache/xpuserve/kernels/<key>/<library>/ (or under $XDG_CACHE_HOME).
 Processes that start together share one build: torch holds a lock file in that directory meanwhile.
 """
 
@@ -64,14 +64,16 @@ class BuildError(RuntimeError):
 
 
 def build_library(name: str, sources: list[Path]) -> str:
-    """Build the C++ library `name` from `sources` into cache_dir() (or reuse its cached build) and load it,
+    """Build the C++ library `name` from `sources` into cache_dir() / name (or reuse its cached build) and load it,
     which registers its ops as torch.ops.<name>.*. Returns 'built in X s' or 'cached'; raises BuildError."""
     start = time.perf_counter()
     compiler = os.environ.get("CXX", "c++")  # what torch's build runs
     if shutil.which(compiler) is None:
         raise BuildError(f"no C++ compiler ({compiler} not found)")
     try:
-        directory = cache_dir()
+        # A directory per library: torch's lock is per directory, and a process that waited on it loads
+        # without building, so a library sharing one could find another's build where its own should be.
+        directory = cache_dir() / name
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(directory / "lock")
         binary = directory / f"{name}.so"
