@@ -1,0 +1,93 @@
+"""Linear layers for a few rows (decode batches, MoE experts) over bfloat16 or INT8 weights, on CPU.
+
+torch's bf16 F.linear on a CPU without AVX512-BF16 reads the weight once per row. The C++ op reads
+each weight row once for all rows of x, widens it to float32 in registers and accumulates in float32:
+bound by memory bandwidth at a few rows, by FMA throughput at many. Built on first use like the other
+kernels (build.py); where it cannot be built, the float32 reference below computes the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from xpuserve.kernels import build
+
+log = logging.getLogger(__name__)
+
+NAME = "xpuserve_gemm"  # the library, and the namespace of its ops: torch.ops.xpuserve_gemm
+SOURCES = [Path(__file__).parent / "csrc" / "gemm.cpp"]
+OPS = ("bf16_linear", "int8_linear", "portable_linear")  # portable_linear: the non-SIMD tiles, for tests
+X_DTYPES = (torch.bfloat16, torch.float32)
+
+_status = "unavailable: not loaded yet"
+
+
+def available() -> bool:
+    """Whether the C++ op is built and loaded on this machine (building it on the first call)."""
+    return _load()
+
+
+def status() -> str:
+    """'C++ AVX2 (cached)', 'C++ portable (built in X s)' or 'unavailable: <why>'."""
+    _load()
+    return _status
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (bfloat16 or float32) @ weight[N, K]^T (+ bias [N]), accumulated in float32; [..., N] in x's dtype.
+    weight is bfloat16 and contiguous."""
+    if _kernel_applies(x):
+        return torch.ops.xpuserve_gemm.bf16_linear(x, weight, bias)
+    return bf16_linear_reference(x, weight, bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ (weight[N, K] * scale[N, None])^T (+ bias), accumulated in float32; [..., N] in x's dtype.
+    weight is int8 and contiguous, scale float32, one per output row."""
+    if _kernel_applies(x):
+        return torch.ops.xpuserve_gemm.int8_linear(x, weight, scale, bias)
+    return int8_linear_reference(x, weight, scale, bias)
+
+
+def bf16_linear_reference(x, weight, bias=None):
+    """The oracle: everything widened to float32 first."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def int8_linear_reference(x, weight, scale, bias=None):
+    dequantized = weight.float() * scale.float()[:, None]
+    return F.linear(x.float(), dequantized, None if bias is None else bias.float()).to(x.dtype)
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    return x.is_cpu and x.dtype in X_DTYPES and _ready()  # is_cpu: a quarter of the cost of device.type
+
+
+# Dynamo runs this once while tracing and keeps the answer, so the op goes into the graph whole.
+@torch.compiler.assume_constant_result
+def _ready() -> bool:
+    return _load()
+
+
+@functools.cache
+def _load() -> bool:
+    global _status
+    try:
+        how = build.build_library(NAME, SOURCES)
+    except build.BuildError as e:
+        _status = f"unavailable: {e}"
+        log.warning("C++ GEMM unavailable, linear layers use the float32 reference: %s", e)
+        return False
+    for op in OPS:
+        torch.library.register_fake(f"{NAME}::{op}")(_output_like)
+    _status = f"C++ {torch.ops.xpuserve_gemm.simd()} ({how})"
+    return True
+
+
+def _output_like(x, weight, *args, **kwargs):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
