@@ -3,6 +3,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from xpuserve.kernels.build import kernel_status
 from xpuserve.platforms.base import Platform
 from xpuserve.platforms.cpu_features import ATEN_LEVELS, CpuFeatures, aten_level, cpu_model_name, detect
 
@@ -80,7 +81,9 @@ class CpuPlatform(Platform):
                 f"{INT8PACK_K_MULTIPLE[level]} == 0; otherwise dequantize, then the bf16 matmul")
         attention = "bf16" if self.native_bf16 else "float32 (bf16 inputs upcast)"
         return {"bf16 matmul": bf16, "INT8 weight-only": int8,
-                "INT8 activations (W8A8)": "off (weight-only INT8)", "attention": attention}
+                "INT8 activations (W8A8)": "off (weight-only INT8)", "prefill attention": attention,
+                "decode attention": f"paged, in place: {kernel_status()}",
+                "decode step": "compiled (inductor)" if self.captures_decode else "eager (--no-enforce-eager: compiled)"}
 
     def auto_dtype(self, checkpoint_dtype: str | None, weight_kind: str = "float") -> tuple[torch.dtype, str]:
         if weight_kind == "int8":
@@ -100,6 +103,8 @@ class CpuPlatform(Platform):
         # Inductor's C++ code for everything but the custom operators (routed experts, paged
         # attention, cache writes); the batch dimension is dynamic, so batch 1 and one graph for
         # all larger batches are the only compiles.
+        # Each model compiles twice; a process holding several models (tests, A/B runs) needs room.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         return torch.compile(model, dynamic=True, fullgraph=True)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
