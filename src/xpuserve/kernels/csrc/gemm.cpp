@@ -3,7 +3,7 @@
 // W is bfloat16, or int8 with one float32 scale per output row. x is widened to float32 once; each
 // weight row is then read once for all M rows and widened in registers. Threads split N. Within a
 // thread, N goes in panels small enough to stay in L2; per panel, x goes in tiles of up to 4 rows
-// (they stay in L1) and each tile is dotted with groups of up to 4 weight rows, one accumulator per
+// (in L1 up to K ~ 1500) and each tile is dotted with groups of up to 4 weight rows, one accumulator per
 // (row, weight row) pair, summed across lanes at the end, while the next group's rows are prefetched.
 // Everything accumulates in float32.
 #include <ATen/core/Tensor.h>
