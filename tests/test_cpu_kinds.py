@@ -197,5 +197,5 @@ def test_env_prints_the_cpu_and_each_kernel():
     features = detect()
     assert f"cpu: {features.model}; instruction sets: " in result.stdout
     assert f"ATen kernels: {features.aten}" in result.stdout
-    for op in ("bf16 matmul", "INT8 weight-only", "INT8 activations (W8A8)", "attention"):
+    for op in ("bf16 matmul", "INT8 weight-only", "INT8 activations (W8A8)", "prefill attention", "decode attention", "decode step"):
         assert f"kernel, {op}: " in result.stdout

@@ -3,13 +3,18 @@ import os
 import torch
 import torch.nn.functional as F
 
+from xpuserve.kernels import gemm
 from xpuserve.kernels.build import kernel_status
 from xpuserve.platforms.base import Platform
 from xpuserve.platforms.cpu_features import ATEN_LEVELS, CpuFeatures, aten_level, cpu_model_name, detect
 
-# CPUs without oneDNN bf16 (AVX2) run a bf16 GEMM row by row: from this many rows on, converting
+# CPUs without oneDNN bf16 (AVX2) run torch's bf16 GEMM row by row: from this many rows on, converting
 # the weight and multiplying in float32 is several times faster.
 BF16_UPCAST_ROWS = 12
+# Up to this many rows xpuserve's C++ GEMM (kernels/gemm.py: each weight row read once for all rows,
+# widened in registers) beats both torch's bf16 GEMM and float32 on an upcast weight, and torch's
+# INT8 kernel: 1.3x-6x on this project's AVX2 EPYC (docs/benchmarks.md). Measured up to 64 rows.
+GEMM_MAX_ROWS = 64
 
 # torch._weight_int8pack_mm (aten/src/ATen/native/cpu/int8mm_kernel.cpp, torch 2.13) has a kernel per
 # ATen level. For bf16 activations the AVX2 one reads them 8 at a time with 16-byte *aligned* loads,
@@ -73,12 +78,13 @@ class CpuPlatform(Platform):
 
     def kernels(self) -> dict[str, str]:
         level = self.features.aten
+        few = f"xpuserve GEMM, {gemm.status()}, up to {GEMM_MAX_ROWS} rows; "
         if self.native_bf16:
             bf16 = f"oneDNN bf16 GEMM on {self.features.bf16_engine()}"
         else:
-            bf16 = f"torch's bf16 GEMM below {BF16_UPCAST_ROWS} rows, float32 GEMM on an upcast weight from there"
-        int8 = (f"torch._weight_int8pack_mm ({level} kernel) for bf16 inputs of width K % "
-                f"{INT8PACK_K_MULTIPLE[level]} == 0; otherwise dequantize, then the bf16 matmul")
+            bf16 = few + "from there float32 GEMM on an upcast weight"
+        int8 = (few + f"from there torch._weight_int8pack_mm ({level} kernel) for bf16 inputs of width K % "
+                f"{INT8PACK_K_MULTIPLE[level]} == 0, otherwise dequantize, then the bf16 matmul")
         attention = "bf16" if self.native_bf16 else "float32 (bf16 inputs upcast)"
         return {"bf16 matmul": bf16, "INT8 weight-only": int8,
                 "INT8 activations (W8A8)": "off (weight-only INT8)", "prefill attention": attention,
@@ -108,6 +114,8 @@ class CpuPlatform(Platform):
         return torch.compile(model, dynamic=True, fullgraph=True)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if weight.dtype == torch.bfloat16 and not self.native_bf16 and self._few_rows(x, weight):
+            return gemm.bf16_linear(x, weight, bias)
         if torch.compiler.is_compiling():
             return F.linear(x, weight, bias)  # the compiler picks the GEMM
         upcast_rows = self.bf16_upcast_rows
@@ -124,7 +132,12 @@ class CpuPlatform(Platform):
             self._scratch = torch.empty(size, dtype=torch.float32)
         return self._scratch[:size].view(weight.shape).copy_(weight)
 
+    def _few_rows(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return x.numel() <= GEMM_MAX_ROWS * x.shape[-1] and weight.is_contiguous() and gemm.available()
+
     def int8_linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._few_rows(x, weight):
+            return gemm.int8_linear(x, weight, scale, bias)
         if not int8pack_accepts(self.features.aten, x.dtype, x.shape[-1], weight):
             return super().int8_linear(x, weight, scale, bias)
         rows = x.reshape(-1, x.shape[-1]).contiguous()
