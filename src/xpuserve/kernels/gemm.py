@@ -27,6 +27,8 @@ X_DTYPES = (torch.bfloat16, torch.float32)
 _status = "unavailable: not loaded yet"
 
 
+# Dynamo runs this once while tracing and keeps the answer, so the op goes into the graph whole.
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the C++ op is built and loaded on this machine (building it on the first call)."""
     return _load()
@@ -65,13 +67,7 @@ def int8_linear_reference(x, weight, scale, bias=None):
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
-    return x.is_cpu and x.dtype in X_DTYPES and _ready()  # is_cpu: a quarter of the cost of device.type
-
-
-# Dynamo runs this once while tracing and keeps the answer, so the op goes into the graph whole.
-@torch.compiler.assume_constant_result
-def _ready() -> bool:
-    return _load()
+    return x.is_cpu and x.dtype in X_DTYPES and available()  # is_cpu: a quarter of the cost of device.type
 
 
 @functools.cache
