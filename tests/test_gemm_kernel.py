@@ -150,13 +150,17 @@ def test_inside_a_compiled_graph():
 
 
 def test_falls_back_without_a_compiler(tmp_path):
-    """No compiler (and nothing cached): status says why and the reference gives the answer."""
+    """No compiler (and nothing cached): status says why, the reference gives the answer, and the CPU
+    platform's auto dtype goes back to float32 for bf16 checkpoints where it has no native bf16."""
     script = (
         "import torch\n"
         "from xpuserve.kernels import gemm\n"
         "x, w = torch.randn(3, 8), torch.randn(5, 8).bfloat16()\n"
         "assert not gemm.available()\n"
         "assert torch.allclose(gemm.bf16_linear(x, w), x @ w.float().T, atol=1e-5)\n"
+        "from xpuserve.platforms.cpu import CpuPlatform\n"
+        "cpu = CpuPlatform()\n"  # without the GEMM a CPU lacking native bf16 serves bf16 checkpoints in float32
+        "assert cpu.native_bf16 or cpu.auto_dtype('bfloat16')[0] == torch.float32\n"
         "print(gemm.status())\n"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}
