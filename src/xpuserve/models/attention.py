@@ -14,13 +14,21 @@ from xpuserve.platforms import current_platform
 MAX_FOLDED_ROWS = 4096
 
 
-@torch.library.custom_op("xpuserve::store_kv", mutates_args=("cache",))
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """cache[slots] = values, as one operator: a compiled step writes the cache in place."""
+    """cache[slots] = values: one operator, so a compiled step writes the cache in place; a plain
+    index_put when training (the demo model's), where autograd must see the write."""
+    if values.requires_grad:
+        cache[slots] = values.to(cache.dtype)
+    else:
+        _store_kv(cache, slots, values)
+
+
+@torch.library.custom_op("xpuserve::store_kv", mutates_args=("cache",))
+def _store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     cache[slots] = values.to(cache.dtype)
 
 
-@store_kv.register_fake
+@_store_kv.register_fake
 def _(cache, slots, values) -> None:
     return None
 

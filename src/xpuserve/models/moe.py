@@ -113,12 +113,12 @@ class Experts(nn.Module):
         return views
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return routed_experts(x, weights, ids, self.w13, self.w13_scale, self.w2, self.w2_scale,
-                              self.tokens_per_expert, self.expert_range[0], self.int8_activations)
+        run = run_experts if x.requires_grad else routed_experts  # training (the demo model): autograd sees through
+        return run(x, weights, ids, self.w13, self.w13_scale, self.w2, self.w2_scale,
+                   self.tokens_per_expert, self.expert_range[0], self.int8_activations)
 
 
-@torch.library.custom_op("xpuserve::routed_experts", mutates_args=("counts",))
-def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w13_scale: Optional[torch.Tensor],
+def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w13_scale: Optional[torch.Tensor],
                    w2: torch.Tensor, w2_scale: Optional[torch.Tensor], counts: torch.Tensor, first_expert: int,
                    int8_activations: bool) -> torch.Tensor:
     """Sorts the (token, expert) pairs by expert and runs each busy expert this rank holds (w13 / w2
@@ -145,6 +145,9 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w1
         out.index_add_(0, tokens, y.to(out.dtype))
         start += count
     return out
+
+
+routed_experts = torch.library.custom_op("xpuserve::routed_experts", run_experts, mutates_args=("counts",))
 
 
 @routed_experts.register_fake
