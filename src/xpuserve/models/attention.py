@@ -15,17 +15,19 @@ MAX_FOLDED_ROWS = 4096
 
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """cache[slots] = values: one operator, so a compiled step writes the cache in place; a plain
-    index_put when training (the demo model's), where autograd must see the write."""
-    if values.requires_grad:
-        cache[slots] = values.to(cache.dtype)
-    else:
+    """cache[slots] = values. A compiled step calls it as one operator, which writes the cache in
+    place; eagerly (and in training, where autograd must see the write) it is plain indexing."""
+    if torch.compiler.is_compiling():
         _store_kv(cache, slots, values)
+    else:
+        write_kv(cache, slots, values)
 
 
-@torch.library.custom_op("xpuserve::store_kv", mutates_args=("cache",))
-def _store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+def write_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     cache[slots] = values.to(cache.dtype)
+
+
+_store_kv = torch.library.custom_op("xpuserve::store_kv", write_kv, mutates_args=("cache",))
 
 
 @_store_kv.register_fake

@@ -113,18 +113,19 @@ class Experts(nn.Module):
         return views
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        run = run_experts if x.requires_grad else routed_experts  # training (the demo model): autograd sees through
+        # A compiled step holds the expert loop as one operator; eagerly (and in training) it is plain code.
+        run = routed_experts if torch.compiler.is_compiling() else run_experts
         return run(x, weights, ids, self.w13, self.w13_scale, self.w2, self.w2_scale,
                    self.tokens_per_expert, self.expert_range[0], self.int8_activations)
 
 
 def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w13_scale: Optional[torch.Tensor],
-                   w2: torch.Tensor, w2_scale: Optional[torch.Tensor], counts: torch.Tensor, first_expert: int,
-                   int8_activations: bool) -> torch.Tensor:
+                w2: torch.Tensor, w2_scale: Optional[torch.Tensor], counts: torch.Tensor, first_expert: int,
+                int8_activations: bool) -> torch.Tensor:
     """Sorts the (token, expert) pairs by expert and runs each busy expert this rank holds (w13 / w2
     hold experts first_expert.. of them) once on its tokens; adds the tokens routed to every expert
-    to `counts`. One operator, so a compiled step holds it whole: the loop over busy experts needs
-    their token counts on the host."""
+    to `counts`. The loop over busy experts needs their token counts on the host, which a compiled
+    graph cannot trace: it calls this as the operator `routed_experts`."""
     top_k = ids.shape[1]
     flat_ids = ids.flatten()
     order = flat_ids.argsort(stable=True)
