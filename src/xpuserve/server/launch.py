@@ -27,8 +27,10 @@ def serve(model: str, args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = engine_config(model, args)
     if launched_world_size() > 1 and launched_rank() > 0:
+        # Printed before the engine is built: rank 0 may answer /health before this rank's
+        # constructor returns, and the pid must be in the log by then.
+        print(f"xpuserve: rank {launched_rank()} (pid {os.getpid()}) follows rank 0", flush=True)
         engine = LLMEngine(config)
-        print(f"xpuserve: rank {engine.parallel.rank} (pid {os.getpid()}) follows rank 0", flush=True)
         engine.worker.run_follower()
         return
     listener = _listen(args.host, args.port)  # before the model loads: a port in use fails at once, in one line
