@@ -20,7 +20,7 @@ from xpuserve.kernels import build
 log = logging.getLogger(__name__)
 
 NAME = "xpuserve_gemm"  # the library, and the namespace of its ops: torch.ops.xpuserve_gemm
-SOURCES = [Path(__file__).parent / "csrc" / "gemm.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemm.cpp", "moe.cpp")]  # + gemm_tiles.h, which both include
 OPS = ("bf16_linear", "int8_linear", "portable_linear")  # portable_linear: the non-SIMD tiles, for tests
 X_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -56,6 +56,32 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     return int8_linear_reference(x, weight, scale, bias)
 
 
+def fused_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                  w13_scale: torch.Tensor | None, w2: torch.Tensor, w2_scale: torch.Tensor | None,
+                  first_expert: int = 0) -> torch.Tensor:
+    """A MoE layer's routed experts on x [M, K] (bfloat16 or float32) in one op: out[t] = sum over j of
+    topk_weights[t, j] * expert e = topk_ids[t, j] on x[t], expert(x) = w2 (silu(gate x) * up x) with
+    w13[e] = [gate; up] ([2I, K]) and w2[e] [K, I], bfloat16 or int8 with per-row scales. The layer's
+    experts first_expert.. are the ones held here; pairs routed to others contribute nothing."""
+    if _kernel_applies(x):
+        return torch.ops.xpuserve_gemm.fused_experts(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert)
+    return fused_experts_reference(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert)
+
+
+def fused_experts_reference(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert=0):
+    """The oracle: each pair in float32, one at a time."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for (t, j), expert in zip(torch.cartesian_prod(*map(torch.arange, topk_ids.shape)).tolist(), topk_ids.flatten().tolist()):
+        e = expert - first_expert
+        if not 0 <= e < w13.shape[0]:
+            continue
+        a = w13[e].float() * (1 if w13_scale is None else w13_scale[e].float()[:, None])
+        b = w2[e].float() * (1 if w2_scale is None else w2_scale[e].float()[:, None])
+        gate, up = (a @ x[t].float()).chunk(2)
+        out[t] += topk_weights[t, j].float() * (b @ (F.silu(gate) * up))
+    return out.to(x.dtype)
+
+
 def bf16_linear_reference(x, weight, bias=None):
     """The oracle: everything widened to float32 first."""
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -81,6 +107,7 @@ def _load() -> bool:
         return False
     for op in OPS:
         torch.library.register_fake(f"{NAME}::{op}")(_output_like)
+    torch.library.register_fake(f"{NAME}::fused_experts")(lambda x, *args, **kwargs: torch.empty_like(x))
     _status = f"C++ {torch.ops.xpuserve_gemm.simd()} ({how})"
     return True
 

@@ -14,6 +14,7 @@ from xpuserve.distributed import all_reduce, parallel_state
 from xpuserve.models.shard import OTHER_RANK, shard
 from xpuserve.models.mlp import MLP
 from xpuserve.models.parallel import rank_range
+from xpuserve.platforms import current_platform
 
 
 class Router(nn.Module):
@@ -124,14 +125,18 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: 
                 int8_activations: bool) -> torch.Tensor:
     """Sorts the (token, expert) pairs by expert and runs each busy expert this rank holds (w13 / w2
     hold experts first_expert.. of them) once on its tokens; adds the tokens routed to every expert
-    to `counts`. The loop over busy experts needs their token counts on the host, which a compiled
-    graph cannot trace: it calls this as the operator `routed_experts`."""
+    to `counts`. Where the platform has one op for all experts (a few tokens on CPU), that runs
+    instead. The loop over busy experts needs their token counts on the host, which a compiled graph
+    cannot trace: it calls this as the operator `routed_experts`."""
     top_k = ids.shape[1]
     flat_ids = ids.flatten()
     order = flat_ids.argsort(stable=True)
     token_of = order // top_k
     routed = torch.bincount(flat_ids, minlength=counts.shape[0])
     counts += routed
+    platform = current_platform()
+    if platform.fuses_experts(x, w13, int8_activations):
+        return platform.fused_experts(x, weights, ids, w13, w13_scale, w2, w2_scale, first_expert)
     out = torch.zeros_like(x)
     stop = first_expert + w13.shape[0]
     start = int(routed[:first_expert].sum()) if first_expert else 0

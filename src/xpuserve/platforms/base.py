@@ -87,6 +87,14 @@ class Platform:
     def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
 
+    def fuses_experts(self, x: torch.Tensor, w13: torch.Tensor, int8_activations: bool) -> bool:
+        """Whether fused_experts runs a MoE layer's routed experts on x (else the model loops over them)."""
+        return False
+
+    def fused_experts(self, x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert: int) -> torch.Tensor:
+        """All routed experts of a layer in one op (kernels.gemm.fused_experts has the contract)."""
+        raise NotImplementedError
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Normalise in float32, cast back, then scale: the order the checkpoints were trained with.
         h = x.float()
