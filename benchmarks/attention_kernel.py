@@ -1,7 +1,8 @@
 """Decode attention over the paged cache, one layer: the C++ kernel against today's gather path.
 
-Today's path gathers cache[kv_slots] padded to the longest sequence, widens it to float32 and runs
-matmul, masked softmax, matmul (models/attention.py `_folded`, as MLA's absorbed decode calls it).
+The gather path (decode before the kernel) gathers cache[kv_slots] padded to the longest sequence,
+widens it to float32 and runs SDPA with a mask over the padding (models/attention.py `attend`, the
+reference path).
 Shapes are MLA's absorbed form (one latent KV head, values = the latent's first v_dim columns),
 bf16 cache, block size 16. Prints ms per call (median of repeats) and the cache read in GB/s.
 
@@ -15,10 +16,10 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from xpuserve.kernels.build import kernel_status
 from xpuserve.kernels.paged_attention import paged_decode_attention
-from xpuserve.models.attention import _folded
 
 BLOCK = 16
 # (label, heads, key width D, v_dim, batch, length)
@@ -41,7 +42,9 @@ def gather_path(q, cache, tables, lens, scale, v_dim):
     slots = tables[:, pos // BLOCK].long() * BLOCK + pos % BLOCK
     k = cache[slots].float()  # [B, L, 1, D]
     mask = (pos[None, :] < lens[:, None])[:, None, None, :]
-    return _folded(q.float()[:, None], k, k[..., :v_dim], mask, scale)[:, 0].to(q.dtype)
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k.transpose(1, 2), k.transpose(1, 2), attn_mask=mask,
+                                         scale=scale, enable_gqa=True)
+    return out[:, :, 0, :v_dim].to(q.dtype)
 
 
 def median_ms(fns, repeats: int) -> list[float]:

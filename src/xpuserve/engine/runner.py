@@ -48,10 +48,12 @@ class ModelRunner:
 
     def _warm_up(self) -> None:
         """Compiles the decode step now, not on the first request: 1 sequence and 2 (from 2 on,
-        one graph serves every batch size)."""
+        one graph serves every batch size). Two blocks per sequence: the compiler takes a dimension
+        of size 1 for a constant, and a block table of one column would compile again at the second."""
         start = time.perf_counter()
+        two_blocks = SequenceSlice(self.block_size, 1, [self.scratch_block] * 2)
         for batch in (1, 2):
-            self.execute(StepInput([0] * batch, [SequenceSlice(0, 1, [self.scratch_block])] * batch, []))
+            self.execute(StepInput([0] * batch, [two_blocks] * batch, []))
         log.info("decode step compiled in %.1f s", time.perf_counter() - start)
 
     @torch.inference_mode()

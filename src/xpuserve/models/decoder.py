@@ -43,11 +43,12 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else VocabParallelHead(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(rope_dim, config.rope)
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids [N] packed over the sequences of one step -> final hidden states [N, hidden]."""
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, layers: list | None = None) -> torch.Tensor:
+        """input_ids [N] packed over the sequences of one step -> final hidden states [N, hidden].
+        `layers`: callables standing in for the decoder layers (their compiled forms)."""
         rope = self.rotary(ctx.positions)
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        for layer in layers or self.model.layers:
             x = layer(x, ctx, rope)
         return self.model.norm(x)
 

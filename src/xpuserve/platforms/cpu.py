@@ -1,3 +1,4 @@
+import functools
 import os
 
 import torch
@@ -109,12 +110,14 @@ class CpuPlatform(Platform):
     captures_decode = False
 
     def capture_decode(self, model: torch.nn.Module):
-        # Inductor's C++ code for everything but the custom operators (routed experts, paged
-        # attention, cache writes); the batch dimension is dynamic, so batch 1 and one graph for
-        # all larger batches are the only compiles.
-        # Each model compiles twice; a process holding several models (tests, A/B runs) needs room.
+        # Each decoder layer compiled, not the whole model: the layers share one class, so inductor's
+        # C++ for one serves all of them (a dense and a MoE layer, batch 1 and a dynamic batch: four
+        # compiles whatever the depth). Everything but the custom operators (routed experts, paged
+        # attention, cache writes, GEMMs) becomes inductor's code.
+        # A process holding several models (tests, A/B runs) compiles each layer's guards again: room for that.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        return torch.compile(model, dynamic=True, fullgraph=True)
+        layers = [torch.compile(layer, dynamic=True, fullgraph=True) for layer in model.model.layers]
+        return functools.partial(model, layers=layers)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if weight.dtype == torch.bfloat16 and not self.native_bf16 and self._few_rows(x, weight):
