@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,10 +15,11 @@ import httpx
 import pytest
 
 from server_fixture import CHAT_PROMPT, THINK_AFTER, free_port
+from xpuserve import LLM, SamplingParams
 from xpuserve.reasoning import split_reasoning
 
 
-def start_server(model_dir, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir, *extra: str, env: dict | None = None, wait_s: float = 120) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "xpuserve", "serve", str(model_dir), "--port", str(port), "--dtype", "float32",
@@ -25,7 +27,7 @@ def start_server(model_dir, *extra: str, env: dict | None = None) -> tuple[subpr
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -64,6 +66,23 @@ def test_serve_answers_then_shuts_down_gracefully_on_sigterm(model_dir):
     assert proc.returncode == 0, err
     assert "serving m on cpu (float32)" in out and "KV cache" in out and "reasoning on" in out
     assert not client.is_alive()
+
+
+def test_serve_compiles_the_decode_step_by_default_and_answers_as_eager(model_dir):
+    """The CPU default on one rank: the decode step compiled at start-up (logged with its time), the
+    same greedy text as the eager engine."""
+    [want] = LLM(str(model_dir), dtype="float32", device="cpu", enforce_eager=True).generate(
+        ["abcab"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    proc, url = start_server(model_dir, env={"XPUSERVE_ENFORCE_EAGER": "0"}, wait_s=600)
+    try:
+        reply = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "abcab", "max_tokens": 12,
+                                                           "temperature": 0, "ignore_eos": True}, timeout=60).json()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert re.search(r"decode step compiled in [\d.]+ s", err), err[-2000:]
+    assert reply["choices"][0]["text"] == want.outputs[0].text
 
 
 def test_hostile_chat_template_file_stops_start_up(model_dir, tmp_path):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from xpuserve.distributed import parallel_state
 from xpuserve.engine.kv_cache import allocate_kv_cache
 from xpuserve.engine.outputs import TokenLogprob
 from xpuserve.engine.sampler import Sampler, SamplerOutput, SamplingRequest, score_tokens
@@ -41,10 +43,22 @@ class ModelRunner:
         self.channel = channel
         self.num_tokens_computed = 0
         platform = current_platform()
-        eager = not platform.captures_decode if enforce_eager is None else enforce_eager
+        # The platform's default on one rank; across ranks (collectives inside the graph) only when asked.
+        # XPUSERVE_ENFORCE_EAGER=1 makes eager the default (the tests: hundreds of engines, each compiling).
+        default = enforce_eager is None
+        if default:
+            eager = not platform.captures_decode or parallel_state().distributed or os.environ.get("XPUSERVE_ENFORCE_EAGER") == "1"
+        else:
+            eager = enforce_eager
         self.decode_forward = None if eager else platform.capture_decode(model)
         if self.decode_forward is not None:
-            self._warm_up()
+            try:
+                self._warm_up()
+            except Exception as e:  # the compiler's toolchain: the eager step computes the same
+                if not default:
+                    raise
+                log.warning("decode step not compiled, running eagerly: %s", str(e).strip().splitlines()[0][:200])
+                self.decode_forward = None
 
     def _warm_up(self) -> None:
         """Compiles the decode step now, not on the first request: 1 sequence and 2 (from 2 on,

@@ -90,7 +90,7 @@ class CpuPlatform(Platform):
         return {"bf16 matmul": bf16, "INT8 weight-only": int8,
                 "INT8 activations (W8A8)": "off (weight-only INT8)", "prefill attention": attention,
                 "decode attention": f"paged, in place: {kernel_status()}",
-                "decode step": "compiled (inductor)" if self.captures_decode else "eager (--no-enforce-eager: compiled)"}
+                "decode step": "compiled (inductor, per decoder layer; --enforce-eager: eager)" if self.captures_decode else "eager"}
 
     def auto_dtype(self, checkpoint_dtype: str | None, weight_kind: str = "float") -> tuple[torch.dtype, str]:
         if weight_kind == "int8":
@@ -104,10 +104,12 @@ class CpuPlatform(Platform):
             return dtype, f"{reason}: no native bf16 here, but xpuserve's GEMM widens bf16 weights in registers (half the bytes of float32)"
         return dtype, reason
 
-    # Off by default: on a 2-core AVX2 EPYC the compiled step is faster (median step, benchmark model:
-    # +25% at 1 sequence, +9% at 16) but compiles for 94 s the first time, every process, every model
-    # (docs/benchmarks.md); turn it on with --no-enforce-eager.
-    captures_decode = False
+    @property
+    def captures_decode(self) -> bool:
+        # Where xpuserve's C++ kernels build, so does inductor's code. On a 2-core AVX2 EPYC, the
+        # benchmark model: the first compile takes 49 s, 9 s with inductor's on-disk cache warm (another
+        # model of the same shapes in the process: 0.1 s); decode is 10-25% faster (docs/benchmarks.md).
+        return gemm.available()
 
     def capture_decode(self, model: torch.nn.Module):
         # Each decoder layer compiled, not the whole model: the layers share one class, so inductor's
