@@ -70,6 +70,17 @@ def test_matches_float64_oracle(kind, x_dtype, portable):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_the_fallback_reference_matches_float64_oracle(kind):
+    """What runs where the op did not build (the wrapper's fallback), a shard of experts 2.. included."""
+    torch.manual_seed(4)
+    w13, s13, w2, s2, w13_64, w2_64 = experts(kind, 6, 40, 12)
+    x = torch.randn(5, 40)
+    topk_weights, topk_ids = routes(5, 8, 3)
+    out = gemm.fused_experts_reference(x, topk_weights, topk_ids, w13, s13, w2, s2, 2)
+    assert_near(out, oracle(x, topk_weights, topk_ids, w13_64, w2_64, 2), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_an_expert_parallel_shard_adds_only_its_experts(kind):
     """Rank holding experts 4..7 of 12: pairs routed to the others contribute nothing, a token with
     none of its experts here comes out zero, and the shards' sum is the whole layer."""

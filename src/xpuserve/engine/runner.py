@@ -46,10 +46,8 @@ class ModelRunner:
         # The platform's default on one rank; across ranks (collectives inside the graph) only when asked.
         # XPUSERVE_ENFORCE_EAGER=1 makes eager the default (the tests: hundreds of engines, each compiling).
         default = enforce_eager is None
-        if default:
-            eager = not platform.captures_decode or parallel_state().distributed or os.environ.get("XPUSERVE_ENFORCE_EAGER") == "1"
-        else:
-            eager = enforce_eager
+        eager = enforce_eager if not default else (
+            not platform.captures_decode or parallel_state().distributed or os.environ.get("XPUSERVE_ENFORCE_EAGER") == "1")
         self.decode_forward = None if eager else platform.capture_decode(model)
         if self.decode_forward is not None:
             try:

@@ -69,16 +69,16 @@ def fused_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
 
 
 def fused_experts_reference(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert=0):
-    """The oracle: each pair in float32, one at a time."""
+    """What runs where the op is not built: each pair in float32, one at a time."""
     out = torch.zeros(x.shape, dtype=torch.float32)
-    for (t, j), expert in zip(torch.cartesian_prod(*map(torch.arange, topk_ids.shape)).tolist(), topk_ids.flatten().tolist()):
-        e = expert - first_expert
-        if not 0 <= e < w13.shape[0]:
-            continue
-        a = w13[e].float() * (1 if w13_scale is None else w13_scale[e].float()[:, None])
-        b = w2[e].float() * (1 if w2_scale is None else w2_scale[e].float()[:, None])
-        gate, up = (a @ x[t].float()).chunk(2)
-        out[t] += topk_weights[t, j].float() * (b @ (F.silu(gate) * up))
+    for t, experts in enumerate(topk_ids.tolist()):
+        for j, e in enumerate(e - first_expert for e in experts):
+            if not 0 <= e < w13.shape[0]:
+                continue
+            a = w13[e].float() * (1 if w13_scale is None else w13_scale[e].float()[:, None])
+            b = w2[e].float() * (1 if w2_scale is None else w2_scale[e].float()[:, None])
+            gate, up = (a @ x[t].float()).chunk(2)
+            out[t] += topk_weights[t, j].float() * (b @ (F.silu(gate) * up))
     return out.to(x.dtype)
 
 

@@ -10,6 +10,7 @@ from xpuserve.kernels.paged_attention import paged_decode_attention
 from xpuserve.models.context import ForwardContext
 from xpuserve.platforms import current_platform
 
+
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     """cache[slots] = values. A compiled step calls it as one operator, which writes the cache in
     place; eagerly (and in training, where autograd must see the write) it is plain indexing."""

@@ -128,15 +128,14 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: 
     to `counts`. Where the platform has one op for all experts (a few tokens on CPU), that runs
     instead. The loop over busy experts needs their token counts on the host, which a compiled graph
     cannot trace: it calls this as the operator `routed_experts`."""
-    top_k = ids.shape[1]
     flat_ids = ids.flatten()
-    order = flat_ids.argsort(stable=True)
-    token_of = order // top_k
     routed = torch.bincount(flat_ids, minlength=counts.shape[0])
     counts += routed
     platform = current_platform()
     if platform.fuses_experts(x, w13, int8_activations):
         return platform.fused_experts(x, weights, ids, w13, w13_scale, w2, w2_scale, first_expert)
+    order = flat_ids.argsort(stable=True)
+    token_of = order // ids.shape[1]
     out = torch.zeros_like(x)
     stop = first_expert + w13.shape[0]
     start = int(routed[:first_expert].sum()) if first_expert else 0

@@ -108,7 +108,8 @@ class CpuPlatform(Platform):
     def captures_decode(self) -> bool:
         # Where xpuserve's C++ kernels build, so does inductor's code. On a 2-core AVX2 EPYC, the
         # benchmark model: the first compile takes 49 s, 9 s with inductor's on-disk cache warm (another
-        # model of the same shapes in the process: 0.1 s); decode is 10-25% faster (docs/benchmarks.md).
+        # model of the same shapes in the process: 0.1 s); median decode steps 7-25% faster at 1-64
+        # sequences (docs/benchmarks.md, session 6).
         return gemm.available()
 
     def capture_decode(self, model: torch.nn.Module):

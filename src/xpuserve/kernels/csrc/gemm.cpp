@@ -32,8 +32,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     xf = rows.data_ptr<float>();
   } else {
     wide.reset(new float[M * K]);
-    const auto* src = reinterpret_cast<const uint16_t*>(rows.data_ptr());
-    for (int64_t e = 0; e < M * K; ++e) wide[e] = widen(src[e]);
+    for (int64_t m = 0; m < M; ++m) widen_row(rows, m, K, wide.get() + m * K);
     xf = wide.get();
   }
   at::Tensor scale_f = scale ? as_float(*scale) : at::Tensor(), bias_f = bias ? as_float(*bias) : at::Tensor();
