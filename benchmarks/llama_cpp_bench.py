@@ -81,6 +81,7 @@ def source_tree(sdist: Path) -> Path:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
         for m in members:
             m.name = m.name[len(prefix):]
+        CACHE.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".extract-"))
         tar.extractall(tmp, members=members, filter="tar")
     tmp.rename(tree)

@@ -115,7 +115,7 @@ def with_bf16(native: bool) -> CpuFeatures:
 @pytest.mark.parametrize("native", [False, True], ids=["upcast", "native-bf16"])
 def test_bf16_paths_are_right_on_this_cpu(native):
     """Both bf16 matmul paths (float32 upcast from BF16_UPCAST_ROWS rows; oneDNN bf16) and the
-    attention and bmm dtypes each give the float32 result, whichever this CPU would pick."""
+    attention dtype and MLA's per-head products each give the float32 result, whichever this CPU would pick."""
     features = with_bf16(native)
     cpu = CpuPlatform(features)
     w = torch.randn(72, 200).bfloat16()
@@ -125,8 +125,11 @@ def test_bf16_paths_are_right_on_this_cpu(native):
         got = cpu.linear(x, w)
         assert got.dtype == torch.bfloat16
         assert (got.float() - ref).abs().max() <= 0.02 * ref.abs().max(), rows
-    a, b = torch.randn(3, 5, 40).bfloat16(), torch.randn(3, 40, 7).bfloat16()
-    assert torch.allclose(cpu.bmm(a, b).float(), a.float() @ b.float(), rtol=0.02, atol=0.05)
+    for tokens in (1, 70):  # xpuserve's GEMM up to GEMM_MAX_ROWS tokens where bf16 is not native, bmm beyond
+        x, w = torch.randn(tokens, 3, 40).bfloat16(), torch.randn(3, 40, 7).bfloat16()
+        ref = torch.einsum("thk,hkm->thm", x.float(), w.float())
+        for got in (cpu.head_linear(x, w, transposed=True), cpu.head_linear(x, w.transpose(1, 2).contiguous())):
+            assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref, rtol=0.02, atol=0.05)
     assert cpu.attention_dtype(torch.bfloat16) == (torch.bfloat16 if features.onednn_bf16 else torch.float32)
     assert ("bf16" in cpu.matmul_kinds()) == features.onednn_bf16
     assert cpu.auto_dtype("bfloat16")[0] == torch.bfloat16  # natively, or through xpuserve's GEMM

@@ -135,14 +135,49 @@ def test_bad_inputs_are_errors():
         gemm.int8_linear(x, torch.zeros(8, 16, dtype=torch.int8), torch.ones(7))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16_x", "f32_x"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_head_linear_matches_float32_bmm(transposed, dtype, monkeypatch):
+    """MLA's per-head products: x [T, H, K] against per-head blocks of a wider bf16 weight (as W_UK / W_UV
+    are views into kv_b_proj), x a strided view, every remainder of the tiles and lanes."""
+    monkeypatch.setattr(gemm, "head_linear_reference", lambda *args: pytest.fail("fell back to the reference"))
+    torch.manual_seed(3)
+    for t, h, k, m in itertools.product((1, 3, 64), (1, 5, 16), (1, 9, 64), (1, 7, 256)):
+        if transposed:  # [H, K, M]: rows of a wider block (W_UK's rows are R wide, its heads' blocks apart)
+            w = torch.randn(h, k + 3, m + 5).bfloat16()[:, 3:, :m]
+        else:  # [H, M, K]: packed rows, heads apart (W_UV in kv_b_proj)
+            w = torch.randn(h, m + 3, k).bfloat16()[:, 3:]
+        x = torch.randn(t, h, 2 * k).to(dtype)[:, :, ::2]
+        got = gemm.head_linear(x, w, transposed)
+        dense = (w.float() if transposed else w.float().transpose(1, 2))  # [H, K, M]
+        reference = torch.einsum("thk,hkm->thm", x.float(), dense)
+        magnitude = torch.einsum("thk,hkm->thm", x.float().abs(), dense.abs())
+        tolerance = magnitude * (k + 2) * 2.0**-23 + 1e-30 + (reference.abs() * 2.0**-8 if dtype == torch.bfloat16 else 0)
+        assert got.shape == (t, h, m) and got.dtype == dtype
+        assert ((got.float() - reference).abs() <= tolerance).all(), (t, h, k, m)
+
+
+def test_head_linear_bad_inputs_are_errors():
+    x, w = torch.randn(2, 4, 8).bfloat16(), torch.randn(4, 6, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="differ in K"):
+        gemm.head_linear(x, w, True)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        gemm.head_linear(x, w.float())
+    with pytest.raises(RuntimeError, match=r"\[T, H, K\]"):
+        gemm.head_linear(x, w[:3])
+
+
 def test_inside_a_compiled_graph():
     torch.manual_seed(2)
     bf16, _, _ = weights("bf16", 24, 40)
     int8, scale, _ = weights("int8", 24, 40)
     bias = torch.randn(24).bfloat16()
 
+    heads = torch.randn(4, 6, 10).bfloat16()
+
     def mlp(x):
-        return gemm.bf16_linear(x, bf16, bias).relu() + gemm.int8_linear(x, int8, scale)
+        y = gemm.bf16_linear(x, bf16, bias).relu() + gemm.int8_linear(x, int8, scale)
+        return gemm.head_linear(y.view(3, 4, 6), heads, True)
 
     x = torch.randn(3, 40).bfloat16()
     compiled = torch.compile(mlp, fullgraph=True)

@@ -161,3 +161,37 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
     assert run.stdout.splitlines()[1].startswith("reference (")
     warnings = [line for line in run.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "using the PyTorch reference" in warnings[0], run.stderr
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_cache_write_equals_indexing(cache_dtype, values_dtype):
+    """The C++ cache write (store_kv) equals cache[slots] = values.to(cache dtype), bf16 rounding included,
+    for MLA's [slots, width] and GQA's [slots, heads, dim] caches; other slots are untouched."""
+    from xpuserve.kernels.paged_attention import write_cache, writes_cache
+
+    torch.manual_seed(4)
+    for shape in ((40, 37), (40, 3, 16)):
+        cache = torch.randn(shape).to(cache_dtype)
+        expected = cache.clone()
+        slots = torch.tensor([7, 0, 39, 12])
+        values = (torch.randn(4, *shape[1:]) * 1e3).to(values_dtype)
+        values[0, 0] = float("nan")
+        expected[slots] = values.to(cache_dtype)
+        with torch.inference_mode():
+            assert writes_cache(cache, values)
+            write_cache(cache, slots, values)
+        torch.testing.assert_close(cache, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cache_write_rejects_bad_slots_and_shapes():
+    from xpuserve.kernels.paged_attention import write_cache
+
+    cache = torch.zeros(8, 4)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        write_cache(cache, torch.tensor([8]), torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        write_cache(cache, torch.tensor([1]), torch.ones(1, 5))
+    with pytest.raises(RuntimeError, match="int64"):
+        write_cache(cache, torch.tensor([1], dtype=torch.int32), torch.ones(1, 4))
+    assert cache.abs().sum() == 0

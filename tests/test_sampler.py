@@ -185,7 +185,8 @@ def test_logprobs_are_raw_and_top_logprobs_sorted():
     assert values == sorted(values, reverse=True)
     assert [t for t, _ in top[0]] == raw[0].topk(4).indices.tolist()
     assert values == pytest.approx(raw[0].topk(4).values.tolist(), abs=1e-5)
-    assert Sampler()(logits, [make_request() for _ in range(3)]).top_logprobs is None
+    nobody_asks = Sampler()(logits, [make_request() for _ in range(3)])
+    assert nobody_asks.top_logprobs is None and nobody_asks.logprobs == [None] * 3  # not computed at all
 
 
 def test_legacy_sample():

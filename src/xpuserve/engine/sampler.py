@@ -36,7 +36,7 @@ class SamplingRequest:
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[float]  # raw log-prob of each chosen token
+    logprobs: list[float | None]  # raw log-prob of each chosen token, for the requests that asked for logprobs
     # Per request, the top params.logprobs (id, logprob) pairs, best first; [] for requests
     # that did not ask; None when no request in the batch asked.
     top_logprobs: list[list[tuple[int, float]]] | None
@@ -189,12 +189,12 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
 
 def _logprobs(
     raw: torch.Tensor, tokens: torch.Tensor, requests: list[SamplingRequest]
-) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+) -> tuple[list[float | None], list[list[tuple[int, float]]] | None]:
+    asking = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not asking:  # a log-sum-exp over the vocabulary per step that nobody reads
+        return [None] * len(requests), None
     normaliser = raw.logsumexp(dim=-1, keepdim=True)
     chosen = (raw.gather(1, tokens.unsqueeze(1)) - normaliser).squeeze(1).tolist()
-    asking = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    if not asking:
-        return chosen, None
     top: list[list[tuple[int, float]]] = [[] for _ in requests]
     k = max(requests[i].params.logprobs for i in asking)
     if k > 0:

@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "xpuserve_kernels"  # the library's name, and the namespace of its ops: torch.ops.xpuserve_kernels
-SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "kv_cache.cpp")]
 # No -ffast-math: the kernels rely on -inf. -ffp-contract=fast fuses a * b + c into FMAs;
 # -fopenmp makes at::parallel_for use threads (without it the header runs the loop serially).
 CFLAGS = ["-O3", "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native",

@@ -56,6 +56,20 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     return int8_linear_reference(x, weight, scale, bias)
 
 
+def head_linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """Per head h: x[:, h] @ weight[h]^T (weight [H, M, K]), or x[:, h] @ weight[h] (weight [H, K, M]) when
+    `transposed`; x [T, H, K] bfloat16 or float32, weight bfloat16 with contiguous rows. [T, H, M] in x's
+    dtype, accumulated in float32."""
+    if _kernel_applies(x):
+        return torch.ops.xpuserve_gemm.head_linear(x, weight, transposed)
+    return head_linear_reference(x, weight, transposed)
+
+
+def head_linear_reference(x, weight, transposed=False):
+    w = weight.float() if transposed else weight.float().transpose(1, 2)  # [H, K, M]
+    return torch.bmm(x.float().transpose(0, 1), w).transpose(0, 1).to(x.dtype)
+
+
 def fused_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                   w13_scale: torch.Tensor | None, w2: torch.Tensor, w2_scale: torch.Tensor | None,
                   first_expert: int = 0) -> torch.Tensor:
@@ -108,6 +122,8 @@ def _load() -> bool:
     for op in OPS:
         torch.library.register_fake(f"{NAME}::{op}")(_output_like)
     torch.library.register_fake(f"{NAME}::fused_experts")(lambda x, *args, **kwargs: torch.empty_like(x))
+    torch.library.register_fake(f"{NAME}::head_linear")(
+        lambda x, weight, transposed=False: x.new_empty(x.shape[0], x.shape[1], weight.shape[2 if transposed else 1]))
     _status = f"C++ {torch.ops.xpuserve_gemm.simd()} ({how})"
     return True
 

@@ -1,4 +1,5 @@
-"""Decode attention read in place from the paged KV cache: the C++ op where it built, else the reference."""
+"""Decode attention read in place from the paged KV cache, and the cache write: the C++ ops where they
+built, else the reference."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, bloc
     return paged_decode_reference(*args)
 
 
+def writes_cache(cache: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the C++ op writes `values` into `cache` (write_cache); autograd does not see through it."""
+    return (cache.is_cpu and cache.dtype in KERNEL_DTYPES and values.dtype in KERNEL_DTYPES and cache.is_contiguous()
+            and not torch.is_grad_enabled() and kernel_ready())
+
+
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[slots] = values in the cache's dtype, in place; slots int64 [N], values [N, *cache row shape]."""
+    torch.ops.xpuserve_kernels.store_kv(cache, slots, values)
+
+
 # Dynamo runs this once while tracing and keeps the answer, so the op goes into the graph whole.
 @torch.compiler.assume_constant_result
 def kernel_ready() -> bool:
@@ -35,6 +47,7 @@ def kernel_ready() -> bool:
         return False
     if not _fake_registered:
         torch.library.register_fake("xpuserve_kernels::paged_decode")(_output_like)
+        torch.library.register_fake("xpuserve_kernels::store_kv")(lambda cache, slots, values: None)
         _fake_registered = True
     return True
 

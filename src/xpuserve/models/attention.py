@@ -6,15 +6,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xpuserve.kernels.paged_attention import paged_decode_attention
+from xpuserve.kernels.paged_attention import paged_decode_attention, write_cache, writes_cache
 from xpuserve.models.context import ForwardContext
 from xpuserve.platforms import current_platform
 
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """cache[slots] = values. A compiled step calls it as one operator, which writes the cache in
-    place; eagerly (and in training, where autograd must see the write) it is plain indexing."""
-    if torch.compiler.is_compiling():
+    """cache[slots] = values. The C++ op where it applies (one call, in place, in a compiled step too);
+    otherwise a compiled step calls plain indexing as one operator, which writes the cache in place,
+    and eagerly (and in training, where autograd must see the write) it is plain indexing."""
+    if writes_cache(cache, values):
+        write_cache(cache, slots, values)
+    elif torch.compiler.is_compiling():
         _store_kv(cache, slots, values)
     else:
         write_kv(cache, slots, values)

@@ -88,12 +88,12 @@ class MLAttention(nn.Module):
     def _absorbed(self, ctx, q_nope, q_pe, cached) -> torch.Tensor:
         """`cached` [B, Lk, width] gathered from the cache, or None to read it in place (a decode step)."""
         w_uk, w_uv = self._up_weights()
-        bmm = current_platform().bmm
-        q_latent = bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, R]
+        head_linear = current_platform().head_linear
+        q_latent = head_linear(q_nope, w_uk, transposed=True)  # [N, H, R]
         q = torch.cat((q_latent, q_pe), dim=-1)
         if cached is None:
             out_latent = decode(ctx, q, self.latent_cache[:, None], None, self.scale, self.kv_lora_rank)
         else:
             k = cached[:, :, None, :]
             out_latent = attend(ctx, q, k, k[..., : self.kv_lora_rank], self.scale)
-        return bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, v]
+        return head_linear(out_latent, w_uv)  # [N, H, v]

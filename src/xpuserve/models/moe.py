@@ -114,8 +114,10 @@ class Experts(nn.Module):
         return views
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # A compiled step holds the expert loop as one operator; eagerly (and in training) it is plain code.
-        run = routed_experts if torch.compiler.is_compiling() else run_experts
+        # A compiled step traces the platform's one-op path into its graph, but holds the expert loop as
+        # one operator (its host-side counts cannot be traced); eagerly (and in training) it is plain code.
+        looped = not current_platform().fuses_experts(x, self.w13, self.int8_activations)
+        run = routed_experts if torch.compiler.is_compiling() and looped else run_experts
         return run(x, weights, ids, self.w13, self.w13_scale, self.w2, self.w2_scale,
                    self.tokens_per_expert, self.expert_range[0], self.int8_activations)
 
@@ -129,11 +131,12 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: 
     instead. The loop over busy experts needs their token counts on the host, which a compiled graph
     cannot trace: it calls this as the operator `routed_experts`."""
     flat_ids = ids.flatten()
-    routed = torch.bincount(flat_ids, minlength=counts.shape[0])
-    counts += routed
     platform = current_platform()
     if platform.fuses_experts(x, w13, int8_activations):
+        counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))  # bincount's shape depends on the ids: untraceable
         return platform.fused_experts(x, weights, ids, w13, w13_scale, w2, w2_scale, first_expert)
+    routed = torch.bincount(flat_ids, minlength=counts.shape[0])
+    counts += routed
     order = flat_ids.argsort(stable=True)
     token_of = order // ids.shape[1]
     out = torch.zeros_like(x)

@@ -84,8 +84,11 @@ class Platform:
         """weight [N, K] float8_e4m3fn with scale_inv [N, ceil(K/128)]: one scale per row and 128 columns."""
         return self.linear(x, fp8.dequantize_rows(weight, scale_inv, x.dtype), bias)
 
-    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(a, b)
+    def head_linear(self, x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Per head h: x[:, h] @ weight[h]^T for weight [H, M, K], or x[:, h] @ weight[h] for weight [H, K, M]
+        when `transposed`; x [T, H, K] -> [T, H, M] (MLA's absorbed decode)."""
+        w = weight if transposed else weight.transpose(1, 2)
+        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
 
     def fuses_experts(self, x: torch.Tensor, w13: torch.Tensor, int8_activations: bool) -> bool:
         """Whether fused_experts runs a MoE layer's routed experts on x (else the model loops over them)."""

@@ -37,6 +37,18 @@ def int8pack_accepts(level: str, dtype: torch.dtype, width: int, weight: torch.T
             and weight.is_contiguous() and weight.data_ptr() % INT8PACK_WEIGHT_ALIGN[level] == 0)
 
 
+def _unmarked_dims(guards) -> list[bool]:
+    # Dynamo guards that no tensor was marked dynamic since the compile (mark_dynamic, on every parameter):
+    # nothing here marks any, and they were a third of the guard time of a decode layer.
+    return [g.guard_type != "DIMENSION_DYNAMIC_MARKING_GUARD" for g in guards]
+
+
+# At batch 1 a compiled layer's Python around the graph cost as much as its kernels (2-core EPYC, the
+# benchmark model: ~0.7 ms of wrapper, ~0.45 ms of guards per layer): the wrapper in C++, no size
+# asserts, fewer guards halve that (docs/benchmarks.md, session 7).
+COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "guard_filter_fn": _unmarked_dims}
+
+
 class CpuPlatform(Platform):
     name = "cpu"
     dist_backend = "gloo"
@@ -119,7 +131,7 @@ class CpuPlatform(Platform):
         # attention, cache writes, GEMMs) becomes inductor's code.
         # A process holding several models (tests, A/B runs) compiles each layer's guards again: room for that.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        layers = [torch.compile(layer, dynamic=True, fullgraph=True) for layer in model.model.layers]
+        layers = [torch.compile(layer, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS) for layer in model.model.layers]
         return functools.partial(model, layers=layers)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,11 +176,14 @@ class CpuPlatform(Platform):
     def fused_experts(self, x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert: int) -> torch.Tensor:
         return gemm.fused_experts(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, first_expert)
 
-    def bmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # Batched bf16 matmuls are slow at any size there; their operands are small (MLA's W_UK / W_UV).
-        if a.dtype == torch.bfloat16 and not self.native_bf16:
-            return torch.bmm(a.float(), b.float()).to(torch.bfloat16)
-        return torch.bmm(a, b)
+    def head_linear(self, x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        # Without native bf16, batched bf16 matmuls are slow at any size: xpuserve's GEMM widens the weight
+        # in registers for a few tokens (no float32 copy of it per step), float32 bmm beyond.
+        if weight.dtype == torch.bfloat16 and not self.native_bf16:
+            if x.shape[0] <= GEMM_MAX_ROWS and weight.stride(-1) == 1 and gemm.available():
+                return gemm.head_linear(x, weight, transposed)
+            return super().head_linear(x.float(), weight.float(), transposed).to(x.dtype)
+        return super().head_linear(x, weight, transposed)
 
     def attention_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if dtype == torch.bfloat16 and not self.native_bf16 else dtype

@@ -8,6 +8,8 @@
 // Everything accumulates in float32.
 #include "gemm_tiles.h"
 
+#include <vector>
+
 namespace {
 
 template <typename W, bool Simd>
@@ -68,6 +70,73 @@ at::Tensor portable_linear(const at::Tensor& x, const at::Tensor& weight, const 
   return linear<uint16_t, false>(x, weight, scale, bias);
 }
 
+// acc[0..M) += a * w[0..M), w widened from bfloat16.
+inline void axpy(float a, const uint16_t* w, float* acc, int64_t M) {
+  int64_t m = 0;
+#ifdef XPUSERVE_GEMM_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; m + kLanes <= M; m += kLanes) _mm256_storeu_ps(acc + m, _mm256_fmadd_ps(av, load8(w + m), _mm256_loadu_ps(acc + m)));
+#endif
+  for (; m < M; ++m) acc[m] += a * widen(w[m]);
+}
+
+// One head's rows: out[t, m] (row stride ld_out) = x[t] . w[m] (w [M, K]), or with `transposed`
+// sum over k of x[t, k] * w[k] (w [K, M], row stride ld_w).
+template <typename Out>
+void head_rows(const float* x, const uint16_t* w, int64_t ld_w, Out* out, int64_t ld_out, int64_t T, int64_t K,
+               int64_t M, bool transposed) {
+  if (!transposed) {
+    gemm_rows<uint16_t, Out, kSimd>(x, w, nullptr, nullptr, out, T, ld_out, K, 0, M);
+    return;
+  }
+  std::vector<float> acc(M);
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t k = 0; k < K; ++k) axpy(x[t * K + k], w + k * ld_w, acc.data(), M);
+    for (int64_t m = 0; m < M; ++m) out[t * ld_out + m] = Out(acc[m]);
+  }
+}
+
+// out[t, h] = x[t, h] @ weight[h]^T for weight [H, M, K], or x[t, h] @ weight[h] for weight [H, K, M] with
+// `transposed`: MLA's absorbed decode, whose per-head blocks of kv_b_proj (bfloat16) meet a few tokens.
+// Heads are split across threads; each head's weight block is read once for all tokens.
+at::Tensor head_linear(const at::Tensor& x, const at::Tensor& weight, bool transposed) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3 && weight.size(0) == x.size(1), "head_linear: x must be [T, H, K] and weight [H, ., .]");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.stride(2) == 1, "head_linear: weight must be bfloat16 with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "head_linear: x must be bfloat16 or float32");
+  const int64_t T = x.size(0), H = x.size(1), K = x.size(2);
+  const int64_t M = weight.size(transposed ? 2 : 1);
+  TORCH_CHECK(weight.size(transposed ? 1 : 2) == K, "head_linear: weight and x differ in K");
+  TORCH_CHECK(transposed || weight.stride(1) == K, "head_linear: weight rows must be packed");
+  at::Tensor out = at::empty({T, H, M}, x.options());
+  if (T == 0 || M == 0) return out;
+  const at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous();
+  std::vector<float> xf(H * T * K);  // [H][T][K]: each head's rows together, as the tiles take them
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      float* dst = xf.data() + (h * T + t) * K;
+      const int64_t at = t * xc.stride(0) + h * xc.stride(1);
+      if (xc.scalar_type() == at::kFloat) {
+        std::memcpy(dst, xc.data_ptr<float>() + at, K * sizeof(float));
+      } else {
+        const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr()) + at;
+        for (int64_t k = 0; k < K; ++k) dst[k] = widen(src[k]);
+      }
+    }
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  at::parallel_for(0, H, std::max<int64_t>(1, kMinMacsPerThread / std::max<int64_t>(1, T * K * M)), [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      const float* xh = xf.data() + h * T * K;
+      const uint16_t* wh = w + h * weight.stride(0);
+      if (x.scalar_type() == at::kFloat)
+        head_rows(xh, wh, weight.stride(1), out.data_ptr<float>() + h * M, H * M, T, K, M, transposed);
+      else
+        head_rows(xh, wh, weight.stride(1), out.data_ptr<at::BFloat16>() + h * M, H * M, T, K, M, transposed);
+    }
+  });
+  return out;
+}
+
 std::string simd() { return kSimd ? "AVX2" : "portable"; }
 
 }  // namespace
@@ -76,6 +145,7 @@ TORCH_LIBRARY(xpuserve_gemm, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
   m.def("portable_linear(Tensor x, Tensor weight, Tensor? scale=None, Tensor? bias=None) -> Tensor");
+  m.def("head_linear(Tensor x, Tensor weight, bool transposed=False) -> Tensor");
   m.def("simd() -> str", &simd);
 }
 
@@ -83,4 +153,5 @@ TORCH_LIBRARY_IMPL(xpuserve_gemm, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("portable_linear", &portable_linear);
+  m.impl("head_linear", &head_linear);
 }
