@@ -38,8 +38,8 @@ def int8pack_accepts(level: str, dtype: torch.dtype, width: int, weight: torch.T
 
 
 def _unmarked_dims(guards) -> list[bool]:
-    # Dynamo guards that no tensor was marked dynamic since the compile (mark_dynamic, on every parameter):
-    # nothing here marks any, and they were a third of the guard time of a decode layer.
+    # Dynamo's checks, five per parameter, that no dimension was marked dynamic (mark_dynamic) since the
+    # compile: nothing here marks any, and they were about a third of a decode layer's guard time.
     return [g.guard_type != "DIMENSION_DYNAMIC_MARKING_GUARD" for g in guards]
 
 
