@@ -133,8 +133,7 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: 
     flat_ids = ids.flatten()
     platform = current_platform()
     if platform.fuses_experts(x, w13, int8_activations):
-        # Not bincount (its shape depends on the ids: untraceable) nor index_add_ (an ATen call in the graph).
-        counts += (flat_ids[:, None] == torch.arange(counts.shape[0], device=flat_ids.device)).sum(0)
+        counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))  # bincount's shape depends on the ids: untraceable
         return platform.fused_experts(x, weights, ids, w13, w13_scale, w2, w2_scale, first_expert)
     routed = torch.bincount(flat_ids, minlength=counts.shape[0])
     counts += routed
