@@ -116,8 +116,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # A compiled step traces the platform's one-op path into its graph, but holds the expert loop as
         # one operator (its host-side counts cannot be traced); eagerly (and in training) it is plain code.
-        looped = not current_platform().fuses_experts(x, self.w13, self.int8_activations)
-        run = routed_experts if torch.compiler.is_compiling() and looped else run_experts
+        looped = torch.compiler.is_compiling() and not current_platform().fuses_experts(x, self.w13, self.int8_activations)
+        run = routed_experts if looped else run_experts
         return run(x, weights, ids, self.w13, self.w13_scale, self.w2, self.w2_scale,
                    self.tokens_per_expert, self.expert_range[0], self.int8_activations)
 

@@ -3,24 +3,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
-inline uint16_t to_bf16_bits(float x) {  // round to nearest even, as torch does; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if (x != x) return 0x7FC0;
-  return uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
+// c10's BFloat16(float) rounds to nearest even, as torch's conversion does, and keeps NaN a NaN.
 template <typename From, typename To>
 void copy_row(const From* src, To* dst, int64_t n) {
   if constexpr (std::is_same_v<From, To>) {
     std::memcpy(dst, src, n * sizeof(To));
-  } else if constexpr (std::is_same_v<To, at::BFloat16>) {
-    for (int64_t i = 0; i < n; ++i) dst[i].x = to_bf16_bits(float(src[i]));
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = To(float(src[i]));
   }
