@@ -99,5 +99,31 @@ def test_engine_captured_equals_eager(tmp_path):
         llm = LLM(str(tmp_path), device="cpu", dtype="float32", enforce_eager=eager)
         assert (llm.engine.worker.runner.decode_forward is None) == eager
         results[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if not eager:  # batches of 5 down to 1, and block tables of 1 to 3 blocks: no recompiles
+            assert sorted(region_sizes(llm.engine.worker.runner.decode_forward)) == [1] * 4
     assert results[False] == results[True]
     assert [len(t) for t in results[False]] == [4, 9, 14, 20, 25]
+
+
+def region_sizes(captured) -> list[int]:
+    """Graphs held by each of the captured step's cache regions."""
+    from torch._dynamo.eval_frame import _get_cache_entries_for_region
+    from xpuserve.platforms.compiled_layers import _run_layer
+    return [len(_get_cache_entries_for_region(_run_layer, g._isolate_recompiles_id)) for g in captured.graphs.values()]
+
+
+@torch.inference_mode()
+def test_captured_decode_recompiles_for_an_unseen_layout(model):
+    """Once compiled, a region runs without guard evaluation; Dynamo still checks each input tensor's
+    layout, and an input unlike the compiled one (here a strided block table) runs the step again with
+    guards, compiling for it, instead of running a graph traced for other strides."""
+    captured = current_platform().capture_decode(model)
+    decode_logits(model, captured, 16)
+    assert region_sizes(captured) and all(n == 1 for n in region_sizes(captured))
+    tables = block_tables(LENGTHS, 4, 16, seed=16)
+    ctx = ForwardContext.build([SequenceSlice(n + 3, 1, t) for n, t in zip(LENGTHS, tables)], 16)
+    ctx.block_tables = torch.cat([ctx.block_tables, ctx.block_tables], 1)[:, ::2]  # same values, stride 2
+    tokens = torch.arange(len(LENGTHS))
+    ours = captured(tokens, ctx)
+    assert any(n == 2 for n in region_sizes(captured))
+    torch.testing.assert_close(ours, model(tokens, ctx), rtol=1e-5, atol=1e-5)

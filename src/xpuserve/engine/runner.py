@@ -59,9 +59,8 @@ class ModelRunner:
                 self.decode_forward = None
 
     def _warm_up(self) -> None:
-        """Compiles the decode step now, not on the first request: 1 sequence and 2 (from 2 on,
-        one graph serves every batch size). Two blocks per sequence: the compiler takes a dimension
-        of size 1 for a constant, and a block table of one column would compile again at the second."""
+        """Compiles the decode step now, not on the first request: 1 sequence and 2 (one graph serves
+        2 up to the platform's next batch class; a larger batch compiles when it first comes)."""
         start = time.perf_counter()
         two_blocks = SequenceSlice(self.block_size, 1, [self.scratch_block] * 2)
         for batch in (1, 2):

@@ -48,7 +48,8 @@ class ForwardContext:
             raise ValueError("a sequence has fewer cache blocks than positions")
         max_q = max(s.num_new for s in seqs)
         lens = [s.start + s.num_new for s in seqs]
-        max_blocks = -(-max(lens) // block_size)
+        # At least two columns: a compiled step takes a dimension of size 1 for a constant.
+        max_blocks = max(2, -(-max(lens) // block_size))
         tables = torch.tensor([s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table)) for s in seqs],
                               dtype=torch.int32)
         if max_q == 1 and paged_decode:

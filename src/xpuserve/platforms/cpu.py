@@ -1,4 +1,3 @@
-import functools
 import os
 
 import torch
@@ -7,6 +6,7 @@ import torch.nn.functional as F
 from xpuserve.kernels import gemm
 from xpuserve.kernels.build import kernel_status
 from xpuserve.platforms.base import Platform
+from xpuserve.platforms.compiled_layers import CompiledLayers
 from xpuserve.platforms.cpu_features import ATEN_LEVELS, CpuFeatures, aten_level, cpu_model_name, detect
 
 # CPUs without oneDNN bf16 (AVX2) run torch's bf16 GEMM row by row: from this many rows on, converting
@@ -128,11 +128,12 @@ class CpuPlatform(Platform):
         # Each decoder layer compiled, not the whole model: the layers share one class, so inductor's
         # C++ for one serves all of them (a dense and a MoE layer, batch 1 and a dynamic batch: four
         # compiles whatever the depth). Everything but the custom operators (routed experts, paged
-        # attention, cache writes, GEMMs) becomes inductor's code.
-        # A process holding several models (tests, A/B runs) compiles each layer's guards again: room for that.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        layers = [torch.compile(layer, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS) for layer in model.model.layers]
-        return functools.partial(model, layers=layers)
+        # attention, cache writes, GEMMs) becomes inductor's code. Batch classes: 1 (a constant to the
+        # compiler), up to GEMM_MAX_ROWS (xpuserve's GEMM), more.
+        # A process holding several models (tests, A/B runs) compiles each one's regions: room for that.
+        config = torch._dynamo.config
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+        return CompiledLayers(model, (1, GEMM_MAX_ROWS), COMPILE_OPTIONS)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if weight.dtype == torch.bfloat16 and not self.native_bf16 and self._few_rows(x, weight):
