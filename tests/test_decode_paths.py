@@ -100,7 +100,8 @@ def test_engine_captured_equals_eager(tmp_path):
         assert (llm.engine.worker.runner.decode_forward is None) == eager
         results[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         if not eager:  # batches of 5 down to 1, and block tables of 1 to 3 blocks: no recompiles
-            assert sorted(region_sizes(llm.engine.worker.runner.decode_forward)) == [1] * 4
+            # (dense and MoE layers x batch 1, 2-64 and the 65 the warm-up ran for max_num_seqs 256)
+            assert sorted(region_sizes(llm.engine.worker.runner.decode_forward)) == [1] * 6
     assert results[False] == results[True]
     assert [len(t) for t in results[False]] == [4, 9, 14, 20, 25]
 
@@ -127,3 +128,21 @@ def test_captured_decode_recompiles_for_an_unseen_layout(model):
     ours = captured(tokens, ctx)
     assert any(n == 2 for n in region_sizes(captured))
     torch.testing.assert_close(ours, model(tokens, ctx), rtol=1e-5, atol=1e-5)
+
+
+def test_engine_captured_above_gemm_rows(tmp_path):
+    """More sequences than the CPU's GEMM takes (64 rows): the third batch class, compiled at start-up
+    (not in the middle of serving), gives the eager step's tokens."""
+    make_checkpoint("v3_grouped", tmp_path, seed=9)
+    write_char_tokenizer(tmp_path, 256)
+    prompts = random_prompts([2 + i % 7 for i in range(66)], 256, seed=10)
+    params = [SamplingParams(temperature=0, max_tokens=3 + i % 4, ignore_eos=True) for i in range(66)]
+    results = {}
+    for eager in (True, False):
+        llm = LLM(str(tmp_path), device="cpu", dtype="float32", enforce_eager=eager, max_num_seqs=66)
+        if not eager:
+            assert llm.engine.worker.runner.decode_forward.compiled == {0, 1, 2}
+        results[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if not eager:
+            assert sorted(region_sizes(llm.engine.worker.runner.decode_forward)) == [1] * 6
+    assert results[False] == results[True]

@@ -32,7 +32,7 @@ class ModelRunner:
     """`channel`, when serving across ranks, carries each step from the driver to the other ranks."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
-                 channel=None, enforce_eager: bool | None = None):
+                 channel=None, enforce_eager: bool | None = None, max_num_seqs: int = 2):
         self.model = model
         self.block_size = block_size
         self.device = model.model.embed_tokens.weight.device
@@ -42,6 +42,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.channel = channel
         self.num_tokens_computed = 0
+        self.max_num_seqs = max_num_seqs
         platform = current_platform()
         # The platform's default on one rank; across ranks (collectives inside the graph) only when asked.
         # XPUSERVE_ENFORCE_EAGER=1 makes eager the default (the tests: hundreds of engines, each compiling).
@@ -59,11 +60,11 @@ class ModelRunner:
                 self.decode_forward = None
 
     def _warm_up(self) -> None:
-        """Compiles the decode step now, not on the first request: 1 sequence and 2 (one graph serves
-        2 up to the platform's next batch class; a larger batch compiles when it first comes)."""
+        """Compiles the decode step now, not in the middle of serving: one batch of each of the
+        platform's batch classes up to max_num_seqs (1, 2 and, above 64 on CPU, 65)."""
         start = time.perf_counter()
         two_blocks = SequenceSlice(self.block_size, 1, [self.scratch_block] * 2)
-        for batch in (1, 2):
+        for batch in self.decode_forward.warm_up_batches(self.max_num_seqs):
             self.execute(StepInput([0] * batch, [two_blocks] * batch, []))
         log.info("decode step compiled in %.1f s", time.perf_counter() - start)
 

@@ -31,7 +31,7 @@ class Worker:
         self.channel = StepChannel(comm_device(self.device), self.parallel.is_driver) if self.parallel.distributed else None
         driving = self.channel if self.parallel.is_driver else None
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, channel=driving,
-                                  enforce_eager=config.enforce_eager)
+                                  enforce_eager=config.enforce_eager, max_num_seqs=config.max_num_seqs)
         # Followers wait for STOP however rank 0's engine ends: shutdown(), collected, or at exit.
         self._finalizer = weakref.finalize(self, stop_followers, driving) if driving is not None else None
         log.info("KV cache: %d blocks of %d tokens = %d tokens", self.num_blocks, config.block_size,

@@ -40,6 +40,10 @@ class CompiledLayers:
     def batch_class(self, batch: int) -> int:
         return bisect.bisect_left(self.batch_bounds, batch)
 
+    def warm_up_batches(self, max_batch: int) -> list[int]:
+        """The smallest batch of each class up to `max_batch`: what a warm-up runs to compile them all."""
+        return [1] + [bound + 1 for bound in self.batch_bounds if bound + 1 <= max_batch]
+
     def __call__(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
         batch_class = self.batch_class(input_ids.shape[0])
         layers = [functools.partial(self._layer, i, batch_class) for i in range(len(self.kinds))]
