@@ -132,7 +132,8 @@ def test_captured_decode_recompiles_for_an_unseen_layout(model):
 
 def test_engine_captured_above_gemm_rows(tmp_path):
     """More sequences than the CPU's GEMM takes (64 rows): the third batch class, compiled at start-up
-    (not in the middle of serving), gives the eager step's tokens."""
+    (not in the middle of serving), gives the eager step's tokens. All 66 prompts fit one step, so two
+    decode steps run at 66 sequences (checked once by recording the batch sizes: 66, 66, 49, 32, 16)."""
     make_checkpoint("v3_grouped", tmp_path, seed=9)
     write_char_tokenizer(tmp_path, 256)
     prompts = random_prompts([2 + i % 7 for i in range(66)], 256, seed=10)

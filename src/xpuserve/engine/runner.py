@@ -31,8 +31,8 @@ SCORE_ROWS = 512
 class ModelRunner:
     """`channel`, when serving across ranks, carries each step from the driver to the other ranks."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
-                 channel=None, enforce_eager: bool | None = None, max_num_seqs: int = 2):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
+                 kv_dtype: torch.dtype | None = None, channel=None, enforce_eager: bool | None = None):
         self.model = model
         self.block_size = block_size
         self.device = model.model.embed_tokens.weight.device

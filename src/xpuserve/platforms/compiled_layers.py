@@ -3,7 +3,8 @@ of its own, run without guard evaluation once it is compiled.
 
 Why regions: the decoder layers of a model share one code object (DecoderLayer.forward), so Dynamo keeps
 every graph of every layer kind and batch size in one cache and, on each call, checks guards entry by
-entry until one passes (~0.2 ms a layer at batch 1 on the project's EPYC). Here each region holds the one
+entry until one passes (the profiler's cache lookup: 190-300 us a layer call at batch 1 on the project's
+EPYC; the step ~2 ms faster this way, docs/benchmarks.md session 8). Here each region holds the one
 graph that serves its inputs, chosen in Python from the layer's kind and the batch size, and the call
 runs under `skip_guard_eval_unsafe`: Dynamo then checks only the guards that tell entries apart, which
 still include each input tensor's dtype, device and static sizes. The batch classes are the platform's
@@ -36,6 +37,7 @@ class CompiledLayers:
         self.kinds = [(type(layer.self_attn), type(layer.mlp)) for layer in model.model.layers]
         self.graphs: dict[tuple, object] = {}  # (kind, batch class) -> its region's compiled function
         self.compiled: set[int] = set()  # batch classes every layer kind has run in
+        self._layers: dict[int, list] = {}  # batch class -> the callables standing in for the layers
 
     def batch_class(self, batch: int) -> int:
         return bisect.bisect_left(self.batch_bounds, batch)
@@ -46,7 +48,9 @@ class CompiledLayers:
 
     def __call__(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
         batch_class = self.batch_class(input_ids.shape[0])
-        layers = [functools.partial(self._layer, i, batch_class) for i in range(len(self.kinds))]
+        layers = self._layers.get(batch_class)
+        if layers is None:
+            layers = self._layers[batch_class] = [functools.partial(self._layer, i, batch_class) for i in range(len(self.kinds))]
         if batch_class not in self.compiled:  # the first step of a class compiles, with guards
             hidden = self.model(input_ids, ctx, layers=layers)
             self.compiled.add(batch_class)

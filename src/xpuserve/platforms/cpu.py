@@ -126,7 +126,7 @@ class CpuPlatform(Platform):
 
     def capture_decode(self, model: torch.nn.Module):
         # Each decoder layer compiled, not the whole model: the layers share one class, so inductor's
-        # C++ for one serves all of them (a dense and a MoE layer, batch 1 and a dynamic batch: four
+        # C++ for one serves all of them (a dense and a MoE layer times three batch classes: at most six
         # compiles whatever the depth). Everything but the custom operators (routed experts, paged
         # attention, cache writes, GEMMs) becomes inductor's code. Batch classes: 1 (a constant to the
         # compiler), up to GEMM_MAX_ROWS (xpuserve's GEMM), more.
