@@ -117,6 +117,7 @@ def test_int8_model_logits_close_to_float(tmp_path, arch):
     n_int8 = sum(p.numel() for p in model.parameters() if p.dtype == torch.int8)
     n_all = sum(p.numel() for p in model.parameters())
     assert n_int8 > 0.5 * n_all
+    assert model.lm_head.weight.dtype == torch.int8 and model.model.embed_tokens.weight.dtype == torch.bfloat16
     prompts = random_prompts([7, 19], model.config.vocab_size)
     for ref, got in zip(prompt_logits(reference, prompts), prompt_logits(model, prompts)):
         assert relative_error(got, ref) < 0.05

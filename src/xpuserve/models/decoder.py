@@ -39,8 +39,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config, layers)
-        # The lm_head stays in the model dtype, as in DeepSeek's FP8 release: small, and sensitive.
-        self.lm_head = None if config.tie_word_embeddings else VocabParallelHead(config.vocab_size, config.hidden_size)
+        self.lm_head = None if config.tie_word_embeddings else VocabParallelHead(config.vocab_size, config.hidden_size, quantize=True)
         self.rotary = RotaryEmbedding(rope_dim, config.rope)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, layers: list | None = None) -> torch.Tensor:

@@ -77,7 +77,7 @@ class Linear(nn.Module):
     """y = x W^T + b, with uninitialised storage: weights always come from a checkpoint.
 
     `quantize=False` keeps a layer in the model dtype whatever the format (MLA's kv_b_proj, whose
-    halves the absorbed decode multiplies directly, and the lm_head).
+    halves the absorbed decode multiplies directly).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quantize: bool = True):

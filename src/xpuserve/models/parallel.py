@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xpuserve.distributed import all_gather_last_dim, all_reduce, parallel_state
-from xpuserve.models.linear import Linear, PackedLinear, matmul
-from xpuserve.platforms import current_platform
+from xpuserve.models.linear import Linear, PackedLinear, current_weight_format, matmul, quantized_weight, weight_rows
 from xpuserve.models.shard import shard
 
 
@@ -85,26 +84,34 @@ class RowParallelLinear(Linear):
 
 
 class VocabParallelHead(nn.Module):
-    """The output head: this rank's rows of the vocabulary; logits gathered from every rank."""
+    """The output head: this rank's rows of the vocabulary; logits gathered from every rank.
 
-    def __init__(self, vocab_size: int, hidden_size: int):
+    `quantize`: stored INT8 when the model's weights are (as llama.cpp's Q8_0 does; FP8 checkpoints
+    keep it in bf16, as DeepSeek releases it). At batch 1 the head is a large share of the bytes a
+    step reads (a quarter in the benchmark model); activations stay float, so only the weight rounds.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, quantize: bool = False):
         super().__init__()
         state = parallel_state()
         self.vocab_size = vocab_size
         per_rank = -(-vocab_size // state.tp_size)
         self.start, self.stop = min(state.tp_rank * per_rank, vocab_size), min((state.tp_rank + 1) * per_rank, vocab_size)
-        self.weight = nn.Parameter(torch.empty(per_rank, hidden_size))
+        kind = "int8" if quantize and current_weight_format().kind == "int8" else "float"
+        self.model_dtype = torch.get_default_dtype()
+        self.weight, self.weight_scale = quantized_weight((per_rank, hidden_size), kind)
         if self.stop - self.start < per_rank:
             self.weight.data[self.stop - self.start :].zero_()  # padding rows: their logits are cut off
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = current_platform().linear(hidden, self.weight)
+        logits = matmul(hidden, self.weight, self.weight_scale)
         if self.weight.shape[0] == self.vocab_size:
             return logits
         return all_gather_last_dim(logits)[..., : self.vocab_size]
 
     def checkpoint_views(self, name: str) -> dict[str, object]:
-        return {f"{name}.weight": shard(self.weight.data[: self.stop - self.start], 0, self.start, self.stop)}
+        rows = weight_rows(self.weight, self.weight_scale, slice(0, self.stop - self.start), self.model_dtype)
+        return {f"{name}.weight": shard(rows, 0, self.start, self.stop)}
 
 
 class VocabParallelEmbedding(VocabParallelHead):

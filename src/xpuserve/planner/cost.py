@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from xpuserve.config import ModelConfig
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
-# Embedding, lm_head, router and norms stay in bf16 when the linear layers are fp8 or int8,
-# as in DeepSeek's FP8 release. Quantization scales (<0.1% of the bytes) are not counted.
+# Embedding, lm_head, router and norms stay in bf16 when the linear layers are fp8, as in DeepSeek's
+# FP8 release; xpuserve's int8 quantizes the lm_head too. Scales (<0.1% of the bytes) are not counted.
 UNQUANTIZED = ("embed", "lm_head", "router", "norms")
+QUANTIZED_TOO = {"int8": ("lm_head",)}
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def total_params(cfg: ModelConfig) -> int:
 def weight_bytes(cfg: ModelConfig, dtype: str) -> float:
     """Bytes of the weights stored in `dtype` (linear layers) with the UNQUANTIZED groups in bf16."""
     counts = param_counts(cfg)
-    kept = sum(counts[g] for g in UNQUANTIZED)
+    kept = sum(counts[g] for g in UNQUANTIZED if g not in QUANTIZED_TOO.get(dtype, ()))
     return kept * BYTES["bf16"] + (sum(counts.values()) - kept) * BYTES[dtype]
 
 

@@ -14,7 +14,7 @@ from xpuserve.platforms.base import Platform
 
 @dataclass(frozen=True)
 class ServingFormat:
-    dtype: torch.dtype  # activations and every weight not quantized (norms, embedding, router, lm_head)
+    dtype: torch.dtype  # activations and every weight not quantized (norms, embedding, router)
     weights: WeightFormat
     reason: str
 
